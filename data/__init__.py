@@ -1,0 +1,1 @@
+"""Data: media decoding, ShapesWorld, LLaVA JSON schema, boxes, chat templates, processor."""

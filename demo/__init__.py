@@ -1,0 +1,1 @@
+"""Gradio demo (calls mm.inference only)."""

@@ -1,0 +1,1 @@
+"""mmstack core: the VLM model, positions, training, inference and the `mm` command."""

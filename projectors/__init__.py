@@ -1,0 +1,1 @@
+"""Projectors: map visual-expert token grids to LLM embeddings."""
