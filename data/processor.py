@@ -1,0 +1,187 @@
+"""The processor: conversations + images -> model inputs.
+
+Each ``<image>`` placeholder (any number per conversation, interleaved with text) tokenizes to one id and is
+then expanded to exactly ``tokens_per_image`` copies — the number of visual embeddings the model will scatter
+there. Labels train only assistant turns. Each expert has its own pixel preprocessing; an image is decoded
+once and handed to every expert's transform. Video frames will enter the same way (one placeholder each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, llava_to_messages, tokenize_conversation
+from .tokenizer import ensure_image_token
+
+PROCESSOR_FILE = "mm_processor.json"
+ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
+
+
+class VLMProcessor:
+    """Tokenizer + per-expert image transforms + placeholder expansion + collation."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_transforms: Mapping[str, ImageTransform],
+        tokens_per_image: int,
+        *,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        max_length: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        if tokens_per_image < 1:
+            raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+        self.tokenizer = tokenizer
+        self.image_token_id = ensure_image_token(tokenizer)
+        self.image_transforms = dict(image_transforms)
+        self.tokens_per_image = tokens_per_image
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.extra = dict(extra or {})  # e.g. the box format the model was trained with
+
+    # -- text -----------------------------------------------------------------------------------------
+    def _messages(self, conversation: Sequence[Mapping[str, Any]]) -> list[dict]:
+        first = conversation[0] if conversation else {}
+        if "from" in first:
+            return llava_to_messages(conversation, system=self.system_prompt)
+        messages = [dict(m) for m in conversation]
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        n = self.tokens_per_image
+        for tok, lab in zip(ids, labels):
+            if tok == self.image_token_id:
+                out_ids.extend([tok] * n)
+                out_labels.extend([IGNORE_INDEX] * n)
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def tokenize(
+        self, conversation: Sequence[Mapping[str, Any]], num_images: int, *, for_generation: bool = False
+    ) -> dict[str, list[int]]:
+        """Token ids and labels with placeholders expanded; checks placeholder count == ``num_images``."""
+        messages = self._messages(conversation)
+        if for_generation and messages and messages[-1]["role"] == "assistant":
+            raise ValueError("a prompt for generation must end with a user turn, not an assistant reply")
+        enc = tokenize_conversation(
+            messages, self.tokenizer, chat_template=self.chat_template, add_generation_prompt=for_generation
+        )
+        found = enc["input_ids"].count(self.image_token_id)
+        if found != num_images:
+            raise ValueError(
+                f"conversation has {found} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given"
+            )
+        ids, labels = self._expand(enc["input_ids"], enc["labels"])
+        if self.max_length is not None and len(ids) > self.max_length:
+            if ids[self.max_length :].count(self.image_token_id) or (
+                not for_generation and all(lab == IGNORE_INDEX for lab in labels[: self.max_length])
+            ):
+                raise ValueError(
+                    f"sequence of {len(ids)} tokens exceeds max_length={self.max_length} and truncating it "
+                    "would cut an image or every assistant token"
+                )
+            if for_generation:
+                raise ValueError(f"prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return {"input_ids": ids, "labels": labels}
+
+    # -- images ---------------------------------------------------------------------------------------
+    def pixels(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Decoded images -> ``{expert name: [num_images, 3, S, S]}`` (each expert's own preprocessing)."""
+        return {name: fn(list(images)) for name, fn in self.image_transforms.items()}
+
+    def __call__(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        images: Sequence[Image.Image] = (),
+        *,
+        for_generation: bool = False,
+    ) -> dict[str, Any]:
+        features: dict[str, Any] = self.tokenize(conversation, len(images), for_generation=for_generation)
+        features["pixel_values"] = self.pixels(images) if images else None
+        return features
+
+    # -- batching -------------------------------------------------------------------------------------
+    def collate(
+        self, features: Sequence[Mapping[str, Any]], *, padding_side: str = "right"
+    ) -> dict[str, Any]:
+        """Pad to the longest sequence; concatenate pixels of all images in placeholder order."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), length), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            ids[row, cols] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[row, cols] = 1
+            if "labels" in f:
+                labels[row, cols] = torch.as_tensor(f["labels"], dtype=torch.long)
+        pixel_values = None
+        with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
+        if with_pixels:
+            pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        return {
+            "tokens_per_image": self.tokens_per_image,
+            "image_token": IMAGE_TOKEN,
+            "chat_template": self.chat_template,
+            "system_prompt": self.system_prompt,
+            "max_length": self.max_length,
+            "extra": self.extra,
+        }
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out)
+        tmp = out / (PROCESSOR_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.settings(), indent=2))
+        os.replace(tmp, out / PROCESSOR_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, image_transforms: Mapping[str, ImageTransform], **overrides: Any
+    ) -> VLMProcessor:
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        settings_path = directory / PROCESSOR_FILE
+        if not settings_path.is_file():
+            raise FileNotFoundError(
+                f"{settings_path}: no processor settings (is this an mmstack model directory?)"
+            )
+        settings = json.loads(settings_path.read_text())
+        settings.update(overrides)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(
+            tokenizer,
+            image_transforms,
+            settings["tokens_per_image"],
+            chat_template=settings.get("chat_template"),
+            system_prompt=settings.get("system_prompt"),
+            max_length=settings.get("max_length"),
+            extra=settings.get("extra"),
+        )

@@ -1,0 +1,92 @@
+"""Assemble a VLM + processor from a config, and save/load them as one HF model directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.processor import VLMProcessor
+from data.tokenizer import ensure_image_token, train_tokenizer
+
+from .config import DataSection, ModelSection
+from .llm import build_llm, load_tokenizer
+from .model import VLM, VLMConfig
+
+
+def build_tokenizer(model_cfg: ModelSection, corpus: Iterable[str] | None = None) -> Any:
+    """The configured tokenizer, else the LLM's own, else a BPE trained on ``corpus`` (the tiny default)."""
+    if model_cfg.tokenizer:
+        tok = load_tokenizer(model_cfg.tokenizer)
+    elif model_cfg.llm.get("path"):
+        tok = load_tokenizer(model_cfg.llm["path"])
+    else:
+        if corpus is None:
+            raise ValueError("no tokenizer configured and no training text to train one on")
+        tok = train_tokenizer(corpus, None, vocab_size=model_cfg.tokenizer_vocab_size)
+    ensure_image_token(tok)
+    return tok
+
+
+def build_vlm(model_cfg: ModelSection, tokenizer: Any) -> VLM:
+    llm = build_llm(model_cfg.llm, tokenizer)
+    config = VLMConfig(
+        text_config=llm.config,
+        experts=model_cfg.experts,
+        projector=model_cfg.projector,
+        image_token_id=ensure_image_token(tokenizer),
+        visual_delta=model_cfg.visual_delta,
+    )
+    return VLM(config, llm=llm)
+
+
+def make_processor(
+    model: VLM, tokenizer: Any, data_cfg: DataSection | None = None, extra: dict[str, Any] | None = None
+) -> VLMProcessor:
+    data_cfg = data_cfg or DataSection()
+    return VLMProcessor(
+        tokenizer,
+        {name: expert.preprocess for name, expert in model.experts.items()},
+        model.tokens_per_image,
+        system_prompt=data_cfg.system_prompt,
+        max_length=data_cfg.max_length,
+        extra=extra,
+    )
+
+
+def save_vlm(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
+    """Write model + tokenizer + processor settings to ``out_dir`` atomically (temp dir, then rename)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def load_vlm(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[VLM, VLMProcessor]:
+    """Load an mmstack model directory written by ``save_vlm`` (local path only)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    model = VLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    model.to(device).eval()
+    processor = VLMProcessor.from_pretrained(
+        model_dir, {name: expert.preprocess for name, expert in model.experts.items()}
+    )
+    return model, processor

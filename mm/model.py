@@ -1,0 +1,181 @@
+"""The VLM: visual experts -> projectors -> any HF causal LM, as an HF ``PreTrainedModel``.
+
+Visual embeddings are spliced into the text embeddings at the image placeholder tokens with one batched
+``masked_scatter`` (no per-sample loops, no host syncs); ``mm.positions`` assigns the (float) position ids;
+the LLM always gets an explicit attention mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from projectors import build_projector
+from vision.experts import ExpertConfig, VisualExpert
+
+from .positions import build_position_ids
+
+
+class VLMConfig(PretrainedConfig):
+    """Config tree of the VLM: the LLM's own config (``text_config``), experts, projector, positions."""
+
+    model_type = "mmstack_vlm"
+
+    def __init__(
+        self,
+        text_config: dict | PretrainedConfig | None = None,
+        experts: list[dict] | None = None,
+        projector: dict | None = None,
+        image_token_id: int = 0,
+        visual_delta: float = 1.0,
+        **kwargs: Any,
+    ):
+        if isinstance(text_config, dict):
+            text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
+        self.text_config = text_config
+        self.experts = [ExpertConfig.from_dict(e).to_dict() for e in (experts or [])]
+        self.projector = dict(projector or {"type": "mlp", "depth": 2})
+        self.image_token_id = image_token_id
+        self.visual_delta = float(visual_delta)
+        super().__init__(**kwargs)
+
+    def expert_configs(self) -> list[ExpertConfig]:
+        return [ExpertConfig.from_dict(e) for e in self.experts]
+
+
+class VLM(PreTrainedModel):
+    config_class = VLMConfig
+    base_model_prefix = "vlm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: VLMConfig, llm: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("VLMConfig.text_config is required (the LLM's config)")
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
+        hidden = self.llm.config.hidden_size
+        experts = config.expert_configs()
+        if not experts:
+            raise ValueError("VLMConfig.experts is empty: a VLM needs at least one visual expert")
+        self.experts = nn.ModuleDict({e.name: VisualExpert(e) for e in experts})
+        proj = dict(config.projector)
+        kind = proj.pop("type", "mlp")
+        self.projectors = nn.ModuleDict(
+            {name: build_projector(kind, ex.out_dim, hidden, **proj) for name, ex in self.experts.items()}
+        )
+        self.post_init()
+
+    # -- HF plumbing ---------------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-modules initialise themselves (the LLM via its own config, experts via timm, projectors via
+        # PyTorch defaults); re-initialising here would clobber loaded expert weights.
+        return
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.llm.get_output_embeddings()
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM positions one image occupies (sum over experts of each projector's output length)."""
+        return sum(self.projectors[n].output_length(e.num_tokens) for n, e in self.experts.items())
+
+    # -- vision -------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Images -> visual embeddings ``[num_images, tokens_per_image, hidden]``."""
+        if isinstance(pixel_values, torch.Tensor):
+            if len(self.experts) != 1:
+                raise ValueError(
+                    "pass pixel_values as {expert name: tensor} when the VLM has several experts"
+                )
+            pixel_values = {next(iter(self.experts)): pixel_values}
+        parts = [self.projectors[name](expert(pixel_values[name])) for name, expert in self.experts.items()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: dict[str, torch.Tensor] | torch.Tensor | None
+    ) -> torch.Tensor:
+        """Text embeddings with visual embeddings scattered into the image placeholder positions."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        visual = self.encode_images(pixel_values).to(embeds.dtype)
+        mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
+
+    def position_ids_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return build_position_ids(
+            input_ids, attention_mask, self.config.image_token_id, self.config.visual_delta
+        )
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = self.position_ids_for(input_ids, attention_mask)
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache if use_cache is not None else False,
+            **kwargs,
+        )
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
+        streamer: Any = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        **settings: Any,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation of left-padded prompts; returns only the new tokens."""
+        from .generation import GenerationSettings, generate
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        gen_cfg = getattr(self.llm, "generation_config", None)
+        if eos_token_id is None and gen_cfg is not None:
+            eos_token_id = gen_cfg.eos_token_id
+        if pad_token_id is None:
+            pad_token_id = self.llm.config.pad_token_id if self.llm.config.pad_token_id is not None else 0
+        return generate(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            settings=GenerationSettings(**settings),
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            streamer=streamer,
+        )
