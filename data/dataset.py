@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -33,11 +34,13 @@ class ConversationDataset(Dataset):
         base_dir: str | Path,
         *,
         cache_pixels: bool = False,
+        blind: bool = False,
         progress: bool = True,
     ):
         self.processor = processor
         self.base_dir = Path(base_dir)
         self.cache_pixels = cache_pixels
+        self.blind = blind  # black images: trains/evaluates the no-vision baseline with identical sequences
         self._pixel_cache: dict[int, dict[str, torch.Tensor]] = {}
         self.records: list[dict[str, Any]] = []
         self.features: list[dict[str, list[int]]] = []
@@ -68,7 +71,8 @@ class ConversationDataset(Dataset):
         paths = self.records[i]["_paths"]
         if not paths:
             return None
-        pixels = self.processor.pixels([load_image(p) for p in paths])
+        images = [Image.new("RGB", (32, 32)) if self.blind else load_image(p) for p in paths]
+        pixels = self.processor.pixels(images)
         if self.cache_pixels:
             self._pixel_cache[i] = pixels
         return pixels

@@ -28,6 +28,7 @@ class DataSection:
     max_length: int = 1024
     system_prompt: str | None = None
     cache_pixels: bool = False
+    blind: bool = False  # replace every image by a black one: the no-vision baseline
     num_workers: int = 0
     val_max_records: int = 256
 
@@ -71,11 +72,28 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+_SCALARS = {"float": float, "int": int}
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """YAML reads ``1e-3`` as a string; convert numbers written that way to the field's declared type."""
+    kind = annotation.split("|")[0].strip()
+    if kind in _SCALARS and isinstance(value, str):
+        try:
+            return _SCALARS[kind](value)
+        except ValueError as err:
+            raise ValueError(f"{where}: expected {kind}, got {value!r}") from err
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {k: _coerce(v, str(fields[k].type), f"{where}.{k}") for k, v in values.items()}
     obj = cls(**values)
     if hasattr(obj, "betas"):
         obj.betas = tuple(obj.betas)

@@ -213,6 +213,9 @@ class Trainer:
             model = build_vlm(cfg.model, tokenizer)
             processor = make_processor(model, tokenizer, cfg.data)
         processor.max_length = cfg.data.max_length
+        info = train_path.parent / "shapesworld.json"
+        if info.is_file():  # remember how boxes are written, so inference can parse them back
+            processor.extra["box_format"] = json.loads(info.read_text()).get("box_format")
         processor.system_prompt = cfg.data.system_prompt
         self.processor = processor
         self.counts = apply_stage(model, t.stage, t.train_experts)
@@ -225,6 +228,7 @@ class Trainer:
             processor,
             train_path.parent,
             cache_pixels=cfg.data.cache_pixels,
+            blind=cfg.data.blind,
             progress=progress and self.is_main,
         )
         self.val_set = None
@@ -232,7 +236,12 @@ class Trainer:
             val_path = Path(cfg.data.val)
             val_records = load_llava_json(val_path)[: cfg.data.val_max_records]
             self.val_set = ConversationDataset(
-                val_records, processor, val_path.parent, cache_pixels=True, progress=False
+                val_records,
+                processor,
+                val_path.parent,
+                cache_pixels=True,
+                blind=cfg.data.blind,
+                progress=False,
             )
         acc = self.accelerator
         self.sampler = ResumableSampler(

@@ -1,0 +1,244 @@
+"""The ``mm`` command: quickstart, data, train, eval, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("mm").setLevel(logging.INFO)
+    for noisy in ("accelerate", "transformers", "DeepSpeed", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+def cmd_data_shapesworld(args: argparse.Namespace) -> int:
+    from data.boxes import BoxFormat
+    from data.shapesworld import generate
+
+    info = generate(
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        image_size=args.image_size,
+        box_format=BoxFormat(frame=args.box_frame),
+        p_text=args.p_text,
+        progress=not args.quiet,
+    )
+    print(json.dumps(info["counts"], indent=2))
+    print(Path(args.out).resolve())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    export = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(export.resolve())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from data.schema import load_llava_json
+
+    from .build import load_vlm
+    from .evaluate import box_format_for, evaluate
+    from .inference import pick_device
+    from .report import print_metrics
+
+    device = pick_device(args.device)
+    model, processor = load_vlm(args.model, device=device)
+    data = Path(args.data)
+    records = load_llava_json(data)
+    if args.limit:
+        records = records[: args.limit]
+    metrics, rows = evaluate(
+        model,
+        processor,
+        records,
+        data.parent,
+        box_format_for(data),
+        batch_size=args.batch_size,
+        blind=args.blind,
+        progress=not args.quiet,
+    )
+    print_metrics(metrics, title=f"{args.model} on {data}")
+    if args.predictions:
+        out = Path(args.predictions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out)
+    if args.json:
+        write_json_atomic(Path(args.json), metrics)
+        print(Path(args.json).resolve())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from data.media import MediaError
+
+    from .inference import Assistant
+
+    assistant = Assistant(args.model, device=args.device)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature
+    )
+    images = list(args.image or [])
+    if args.question:
+        try:
+            for piece in assistant.stream(" ".join(args.question), images, **settings):
+                print(piece, end="", flush=True)
+        except (MediaError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print()
+        return 0
+    print(
+        "mm chat — type a question; ':image PATH' adds an image to the next question, ':reset' clears, ':quit' exits"
+    )
+    pending = images
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in (":quit", ":q", ":exit"):
+            return 0
+        if line == ":reset":
+            assistant.reset()
+            pending = []
+            continue
+        if line.startswith(":image "):
+            pending.append(line.split(" ", 1)[1].strip())
+            continue
+        try:
+            for piece in assistant.stream(line, pending, **settings):
+                print(piece, end="", flush=True)
+            print()
+            pending = []
+        except (MediaError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    metrics_path = run_quickstart(
+        out=Path(args.out),
+        minutes=args.minutes,
+        steps=args.steps,
+        n=args.n,
+        blind=args.blind,
+        overrides=args.overrides,
+        progress=not args.quiet,
+        reuse_data=not args.fresh_data,
+    )
+    print(metrics_path.resolve())
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mm", description="mmstack: train, evaluate and chat with vision-language models"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="generate ShapesWorld, train the tiny default model, evaluate it")
+    q.add_argument("--out", default="quickstart", help="output directory (default ./quickstart)")
+    q.add_argument("--minutes", type=float, default=None, help="training time budget (default: the recipe's)")
+    q.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    q.add_argument(
+        "--n", type=int, default=None, help="ShapesWorld images to generate (default: the recipe's)"
+    )
+    q.add_argument("--blind", action="store_true", help="blank every image (the no-vision baseline)")
+    q.add_argument("--fresh-data", action="store_true", help="regenerate the data even if it exists")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
+    q.set_defaults(func=cmd_quickstart)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="dataset", required=True)
+    s = dsub.add_parser("shapesworld", help="generate ShapesWorld images + LLaVA JSON")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--box-frame", type=int, default=1000, help="boxes as integers 0..FRAME (default 1000)")
+    s.add_argument("--p-text", type=float, default=0.3)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_data_shapesworld)
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model directory on LLaVA JSON with meta (ShapesWorld)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--json", help="write metrics to this JSON file")
+    e.add_argument("--predictions", help="write per-record predictions (JSONL)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--blind", action="store_true", help="blank the images")
+    e.add_argument("--device", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("chat", help="ask about images (one-shot with a question, else an interactive REPL)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--image", action="append", help="image file (repeatable)")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--device", default=None)
+    c.add_argument("question", nargs="*")
+    c.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
