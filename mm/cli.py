@@ -121,7 +121,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         return 0
     print(
-        "mm chat — type a question; ':image PATH' adds an image to the next question, ':reset' clears, ':quit' exits"
+        "mm chat — type a question; ':image PATH' adds an image to the next question, "
+        "':reset' clears, ':quit' exits"
     )
     pending = images
     while True:
