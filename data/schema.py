@@ -1,0 +1,227 @@
+"""LLaVA-format conversation records: validation, loading and atomic writing.
+
+A record is ``{"id": str, "image": str | list[str] (optional), "conversations": [{"from", "value"}, ...]}``
+plus any extra keys. Validation happens once at load time with messages that name the file, the record and
+the field, so a broken record fails before training starts, not hours into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+IMAGE_TOKEN = "<image>"
+HUMAN, GPT, SYSTEM = "human", "gpt", "system"
+
+
+class SchemaError(ValueError):
+    """A record (or a whole file) does not follow the LLaVA schema.
+
+    The message reads ``<file>: record <index> (id '<id>'): <field>: <reason>``, leaving out the parts that
+    are not known.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        source: str | os.PathLike | None = None,
+        index: int | None = None,
+        record_id: Any = None,
+        field: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.source = None if source is None else str(source)
+        self.index = index
+        self.record_id = record_id
+        self.field = field
+        parts = []
+        if self.source is not None:
+            parts.append(self.source)
+        if index is not None or record_id is not None:
+            where = "record" if index is None else f"record {index}"
+            if record_id is not None:
+                where += f" (id {str(record_id)!r})"
+            parts.append(where)
+        if field is not None:
+            parts.append(field)
+        parts.append(reason)
+        super().__init__(": ".join(parts))
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", type(None): "null", bool: "boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def image_list(rec: dict) -> list:
+    """The record's ``image`` entry as a list (empty when the record has no image)."""
+    image = rec.get("image")
+    if image is None:
+        return []
+    return image if isinstance(image, list) else [image]
+
+
+def _check_turns(conversations: Any, fail) -> int:
+    """Check roles and values; returns how many ``<image>`` placeholders the turns hold."""
+    if not isinstance(conversations, list) or not conversations:
+        got = _type_name(conversations) if not isinstance(conversations, list) else "an empty list"
+        fail("conversations", f"expected a non-empty list of turns, got {got}")
+    placeholders = 0
+    expected = HUMAN
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            fail(f"conversations[{i}]", f"expected an object with 'from' and 'value', got {_type_name(turn)}")
+        role, value = turn.get("from"), turn.get("value")
+        if role == SYSTEM and i == 0:
+            pass
+        elif role == SYSTEM:
+            fail(f"conversations[{i}].from", "'system' is only allowed as the first turn")
+        elif role not in (HUMAN, GPT):
+            fail(f"conversations[{i}].from", f"expected 'human' or 'gpt', got {role!r}")
+        elif role != expected:
+            fail(
+                f"conversations[{i}].from", f"expected {expected!r} (turns alternate human/gpt), got {role!r}"
+            )
+        else:
+            expected = GPT if role == HUMAN else HUMAN
+        if not isinstance(value, str) or not value.strip():
+            got = repr(value) if isinstance(value, str) else _type_name(value)
+            fail(f"conversations[{i}].value", f"expected a non-empty string, got {got}")
+        placeholders += value.count(IMAGE_TOKEN)
+    last_role = conversations[-1]["from"]
+    if last_role != GPT:
+        fail("conversations", f"the last turn must be from 'gpt', got {last_role!r}")
+    return placeholders
+
+
+def validate_record(rec: Any, index: int | None = None, source: str | os.PathLike | None = None) -> None:
+    """Raise ``SchemaError`` if ``rec`` is not a valid LLaVA record.
+
+    Checks: ``id`` is a string (integers are accepted, as some public sets use them); ``conversations`` is a
+    non-empty list whose roles are an optional leading ``system`` then ``human``/``gpt`` alternating,
+    starting with ``human`` and ending with ``gpt``; every value is a non-empty string; ``image`` (optional)
+    is a non-empty string or a list of them; the ``<image>`` placeholders across all turns number exactly as
+    many as the images.
+    """
+    record_id = rec.get("id") if isinstance(rec, dict) else None
+
+    def fail(field: str | None, reason: str):
+        raise SchemaError(reason, source=source, index=index, record_id=record_id, field=field)
+
+    if not isinstance(rec, dict):
+        fail(None, f"expected an object, got {_type_name(rec)}")
+    if "id" not in rec:
+        fail("id", "missing")
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)) or record_id == "":
+        fail("id", f"expected a non-empty string, got {record_id!r}")
+    if "conversations" not in rec:
+        fail("conversations", "missing")
+    placeholders = _check_turns(rec["conversations"], fail)
+    image = rec.get("image")
+    if image is not None and not isinstance(image, (str, list)):
+        fail("image", f"expected a string or a list of strings, got {_type_name(image)}")
+    images = image_list(rec)
+    for k, entry in enumerate(images):
+        if not isinstance(entry, str) or not entry.strip():
+            field = f"image[{k}]" if isinstance(image, list) else "image"
+            got = repr(entry) if isinstance(entry, str) else _type_name(entry)
+            fail(field, f"expected a non-empty string, got {got}")
+    if placeholders != len(images):
+        fail(
+            "conversations",
+            f"{placeholders} {IMAGE_TOKEN!r} placeholder(s) but {len(images)} image(s); they must match",
+        )
+
+
+def resolve_image_paths(rec: dict, base_dir: str | os.PathLike) -> list[Path]:
+    """Image paths of a record; relative ones are taken relative to ``base_dir`` (the JSON file's folder)."""
+    return [Path(base_dir) / entry for entry in image_list(rec)]
+
+
+def _read_records(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise SchemaError("file not found", source=path) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise SchemaError(f"cannot read file: {err}", source=path) from err
+    if path.suffix == ".jsonl":
+        records = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    reason = f"invalid JSON at line {line_no}, column {err.colno}: {err.msg}"
+                    raise SchemaError(reason, source=path) from err
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        reason = f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        raise SchemaError(reason, source=path) from err
+    if not isinstance(records, list):
+        raise SchemaError(f"expected a JSON list of records, got {_type_name(records)}", source=path)
+    return records
+
+
+def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> list[dict]:
+    """Read and validate a LLaVA ``.json`` (a list) or ``.jsonl`` (one record per line) file.
+
+    With ``check_files`` every image must exist, relative paths taken from the file's folder.
+    """
+    path = Path(path)
+    records = _read_records(path)
+    for index, rec in enumerate(records):
+        validate_record(rec, index=index, source=path)
+        if check_files:
+            for k, image_path in enumerate(resolve_image_paths(rec, path.parent)):
+                if not image_path.is_file():
+                    field = f"image[{k}]" if isinstance(rec["image"], list) else "image"
+                    reason = f"image file not found: {image_path}"
+                    raise SchemaError(reason, source=path, index=index, record_id=rec["id"], field=field)
+    return records
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file and ``os.replace``, so readers never see a half-written file."""
+    _write_text_atomic(Path(path), json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+
+
+def save_llava_json(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Validate and write records atomically: a ``.json`` list with one record per line, or ``.jsonl``."""
+    path = Path(path)
+    records = list(records)
+    for index, rec in enumerate(records):
+        validate_record(rec, index=index, source=path)
+    lines = [json.dumps(rec, ensure_ascii=False) for rec in records]
+    if path.suffix == ".jsonl":
+        text = "".join(line + "\n" for line in lines)
+    else:
+        text = "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"
+    _write_text_atomic(path, text)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write through a temporary file in the same folder and ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; datasets are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
