@@ -192,13 +192,13 @@ class Background:
         """Grey-level offsets ``[size, size]`` added to the background (zeros for ``plain``)."""
         rng = np.random.default_rng(self.seed)
         if self.texture == "noise":
-            return rng.normal(0.0, 4.0, (size, size))
+            return 4.0 * rng.standard_normal((size, size), dtype=np.float32)
         if self.texture == "gradient":
             angle = rng.uniform(0, 2 * math.pi)
-            ramp = np.linspace(-1.0, 1.0, size)
+            ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
             return 12.0 * (math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]) / math.sqrt(2)
         if self.texture == "plain":
-            return np.zeros((size, size))
+            return np.zeros((size, size), dtype=np.float32)
         raise ValueError(f"unknown background texture {self.texture!r}; expected plain, noise or gradient")
 
 
@@ -235,27 +235,32 @@ class Scene:
     def render(self, t: float = 0.0) -> Image.Image:
         """Draw the scene at time ``t`` as an RGB image (supersampled, then box-averaged down)."""
         size, ss = self.image_size, SUPERSAMPLE
+        textured = self.background.texture != "plain"
         canvas = Image.new("RGB", (size * ss, size * ss), self.background.colour)
-        coverage = Image.new("L", canvas.size, 0)  # where the foreground is, to keep texture off it
-        draws = ImageDraw.Draw(canvas), ImageDraw.Draw(coverage)
+        layers = [(ImageDraw.Draw(canvas), None)]
+        if textured:  # also record where the foreground is, to keep the texture off it
+            coverage = Image.new("L", canvas.size, 0)
+            layers.append((ImageDraw.Draw(coverage), 255))
         for obj in self.objects:
             o = obj.at(t)
             # PIL fills polygons inclusive of their edges, about half a canvas pixel too wide on every side:
             # drawing the shape that much smaller puts the drawn edge on the true outline.
             r = o.r - 0.5 / ss
             points = [((o.cx + r * x) * ss, (o.cy + r * y) * ss) for x, y in UNIT_SHAPES[o.shape]]
-            for draw, fill in zip(draws, (COLOURS[o.colour], 255)):
-                draw.polygon(points, fill=fill)
+            for draw, fill in layers:
+                draw.polygon(points, fill=fill or COLOURS[o.colour])
         if self.text:
             font = _font(self.font_size * ss)
             left, top, _, _ = font.getbbox(self.text)
             origin = (self.text_box[0] * ss - left, self.text_box[1] * ss - top)
-            for draw, fill in zip(draws, (self.text_colour(), 255)):
-                draw.text(origin, self.text, font=font, fill=fill)
-        pixels = np.asarray(canvas.reduce(ss), dtype=np.float32)
-        if self.background.texture != "plain":
-            background_share = 1.0 - np.asarray(coverage.reduce(ss), dtype=np.float32) / 255.0
-            pixels = pixels + (self.background.texture_field(size) * background_share)[..., None]
+            for draw, fill in layers:
+                draw.text(origin, self.text, font=font, fill=fill or self.text_colour())
+        image = canvas.reduce(ss)
+        if not textured:
+            return image
+        background_share = 1.0 - np.asarray(coverage.reduce(ss), dtype=np.float32) / 255.0
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels += (self.background.texture_field(size) * background_share)[..., None]
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
 
 
