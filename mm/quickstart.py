@@ -86,7 +86,9 @@ def run_quickstart(
     train_minutes = (time.perf_counter() - t_train) / 60
 
     console.print(f"[bold]3/3[/bold] evaluating {export} on the test split")
-    model, processor = load_vlm(export)
+    from .inference import pick_device
+
+    model, processor = load_vlm(export, device=pick_device())
     test = data_dir / "test.json"
     metrics, rows = evaluate(
         model,

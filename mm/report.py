@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -26,7 +27,7 @@ def print_metrics(metrics: dict[str, Any], title: str = "metrics") -> None:
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.3f}")
     for qa_type, value in metrics.get("qa_by_type", {}).items():
-        table.add_row(f"  qa[{qa_type}]", f"{value:.3f}")
+        table.add_row(escape(f"  qa[{qa_type}]"), f"{value:.3f}")
     if "counts" in metrics:
         table.add_row("records", ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()))
     console.print(table)
@@ -45,5 +46,7 @@ def print_samples(rows: Sequence[dict[str, Any]], base_dir: str, k: int = 6) -> 
             continue
         seen_tasks[key] = seen_tasks.get(key, 0) + 1
         question = row["question"].replace("<image>\n", "")
-        table.add_row(f"{base_dir}/{row['image']}", question, row["answer"], row["prediction"])
+        table.add_row(
+            *(escape(x) for x in (f"{base_dir}/{row['image']}", question, row["answer"], row["prediction"]))
+        )
     console.print(table)
