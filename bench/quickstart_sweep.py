@@ -1,9 +1,9 @@
 """Sweep quickstart variants (same data, fixed step budgets) to see what reaches the targets.
 
-Runs ``mm quickstart`` for each variant given as ``NAME:override,override,...`` and writes a table + JSON.
+Runs ``mm quickstart`` for each variant given as ``NAME:override;override;...`` and writes a table + JSON.
 Used on a lent GPU to explore learning dynamics quickly: the same steps and batch give the same
 learning curve on the CPU, only slower. Example:
-    python bench/quickstart_sweep.py --out /tmp/sweep --steps 500 base: lr2e3:train.lr=2e-3
+    python bench/quickstart_sweep.py --out /tmp/sweep --steps 500 base: lr2e3:train.lr=2e-3;train.warmup_steps=100
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("variants", nargs="+", help="NAME:override,override (prefix 'blind-' for a blind run)")
+    ap.add_argument("variants", nargs="+", help="NAME:override;override (prefix 'blind-' for a blind run)")
     args = ap.parse_args()
     out = Path(args.out)
     results = {}
     for variant in args.variants:
         name, _, rest = variant.partition(":")
-        overrides = [o for o in rest.split(",") if o]
+        overrides = [o for o in rest.split(";") if o]
         t = time.perf_counter()
         path = run_quickstart(
             out / name,
