@@ -1,0 +1,281 @@
+"""Backbone throughput on one device in one run: our CSWin / BiFormer / SG-Former against timm baselines.
+
+Per model and resolution it measures inference img/s (weights in bf16, ``--batch-infer``), training img/s
+(bf16 autocast forward + backward + AdamW step, ``--batch-train``) and the peak memory of each phase. The same
+batch, input layout and compile setting apply to every model. A model that is not registered is reported as
+``missing``; an OOM or error is recorded and the run goes on. Prints a table with ratios against Swin-T (and
+Swin-B for the B-size models) at the same resolution and writes JSON with the environment.
+
+    python bench/backbones.py --device cuda --json bench/backbones.json
+    python bench/backbones.py --device cpu --batch-infer 2 --batch-train 2 --iters 1 --warmup 0 \\
+        --models cswin_tiny_224,swin_tiny_patch4_window7_224
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import timm  # noqa: E402
+
+import vision  # noqa: E402,F401  (registers our backbones with timm)
+
+OURS_T = ["cswin_tiny_224", "biformer_tiny", "sgformer_s"]
+OURS_B = ["cswin_base_224", "biformer_base", "sgformer_b"]
+SWIN_T, SWIN_B = "swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224"
+BASELINES = [SWIN_T, SWIN_B, "convnext_tiny"]
+DEFAULT_MODELS = OURS_T + OURS_B + BASELINES
+B_MODELS = set(OURS_B) | {SWIN_B}
+# timm Swin ties its attention masks to the build size; everything else runs at any size as built.
+SIZE_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
+    SWIN_T: lambda res: {"img_size": res},
+    SWIN_B: lambda res: {"img_size": res},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-infer", type=int, default=128)
+    p.add_argument("--batch-train", type=int, default=64)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per phase")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per phase")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated timm names")
+    p.add_argument("--res", type=int, default=224, help="base resolution for every model")
+    p.add_argument(
+        "--high-res",
+        type=int,
+        default=448,
+        help="second resolution for our models and Swin/ConvNeXt baselines (0: skip)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every model alike")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW inputs and weights")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    return p.parse_args(argv)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu": platform.processor() or platform.machine(),
+        "host": platform.node(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+class Timer:
+    """Wall time of a block of queued work: CUDA events on GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> Timer:
+        self._sync()
+        if self.device.type == "cuda":
+            self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            self._sync()
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def build(name: str, res: int, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    kwargs = SIZE_KWARGS[name](res) if name in SIZE_KWARGS and res != 224 else {}
+    with torch.device(device):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    model = model.to(device)
+    if not args.no_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_input(batch: int, res: int, args: argparse.Namespace, device: torch.device, dtype) -> torch.Tensor:
+    x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
+    return x if args.no_channels_last else x.contiguous(memory_format=torch.channels_last)
+
+
+def run_phase(step: Callable[[], torch.Tensor], args: argparse.Namespace, device: torch.device, batch: int):
+    """Warm up, then time ``iters`` steps; returns (img/s, peak GiB, last output finite)."""
+    out = None
+    for _ in range(args.warmup):
+        out = step()
+    with Timer(device) as timer:
+        for _ in range(args.iters):
+            out = step()
+    finite = bool(torch.isfinite(out).all()) if out is not None else None
+    return batch * args.iters / timer.seconds, peak_gib(device), finite
+
+
+def measure_inference(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = build(name, res, args, device).eval().to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    fn = torch.compile(model) if args.compile else model
+    x = make_input(args.batch_infer, res, args, device, torch.bfloat16)
+    release(device)
+
+    @torch.inference_mode()
+    def step() -> torch.Tensor:
+        return fn(x)
+
+    img_s, mem, finite = run_phase(step, args, device, args.batch_infer)
+    return {"params_m": params / 1e6, "infer_img_s": img_s, "infer_peak_gib": mem, "infer_finite": finite}
+
+
+def measure_training(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = build(name, res, args, device).train()
+    fn = torch.compile(model) if args.compile else model
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
+    x = make_input(args.batch_train, res, args, device, torch.float32)
+    num_classes = getattr(model, "num_classes", 1000) or 1000
+    y = torch.randint(0, num_classes, (args.batch_train,), device=device)
+    release(device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(fn(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    img_s, mem, finite = run_phase(step, args, device, args.batch_train)
+    return {"train_img_s": img_s, "train_peak_gib": mem, "train_finite": finite}
+
+
+def measure(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "res": res, "status": "ok"}
+    if not timm.is_model(name):
+        row["status"] = "missing"
+        return row
+    for phase in (measure_inference, measure_training):
+        try:
+            row.update(phase(name, res, args, device))
+        except torch.cuda.OutOfMemoryError as exc:
+            row["status"] = "oom"
+            row["error"] = f"{phase.__name__}: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001  (record and go on with the next model)
+            row["status"] = "error"
+            row["error"] = f"{phase.__name__}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            row["traceback"] = traceback.format_exc(limit=4)
+        finally:
+            release(device)
+        if row["status"] != "ok":
+            break
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Throughput ratios against Swin-T (all) and Swin-B (B-size models) at the same resolution."""
+    by_key = {(r["model"], r["res"]): r for r in rows}
+    for row in rows:
+        refs = {"swin_t": SWIN_T} | ({"swin_b": SWIN_B} if row["model"] in B_MODELS else {})
+        for tag, ref_name in refs.items():
+            ref = by_key.get((ref_name, row["res"]))
+            for metric in ("infer_img_s", "train_img_s"):
+                if ref and row.get(metric) and ref.get(metric):
+                    row[f"{metric.split('_')[0]}_vs_{tag}"] = row[metric] / ref[metric]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs = [(m, args.res) for m in models]
+    if args.high_res:
+        runs += [(m, args.high_res) for m in models]
+    return runs
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` (e.g. ``'8.2f'``), or a right-aligned dash when absent."""
+    return format(value, spec) if value is not None else format("-", f">{spec.split('.')[0]}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'model':32} {'res':>4} {'status':>7} {'params M':>8} {'infer/s':>9} {'train/s':>8} "
+        f"{'inf GiB':>7} {'trn GiB':>7} {'inf/swT':>7} {'trn/swT':>7} {'inf/swB':>7} {'trn/swB':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:32} {r['res']:>4} {r['status']:>7} {fmt(r.get('params_m'), '8.2f')} "
+            f"{fmt(r.get('infer_img_s'), '9.1f')} {fmt(r.get('train_img_s'), '8.1f')} "
+            f"{fmt(r.get('infer_peak_gib'), '7.2f')} {fmt(r.get('train_peak_gib'), '7.2f')} "
+            f"{fmt(r.get('infer_vs_swin_t'), '7.2f')} {fmt(r.get('train_vs_swin_t'), '7.2f')} "
+            f"{fmt(r.get('infer_vs_swin_b'), '7.2f')} {fmt(r.get('train_vs_swin_b'), '7.2f')}"
+        )
+        if r.get("error"):
+            lines.append(f"    {r['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for name, res in plan(args):
+        row = measure(name, res, args, device)
+        rows.append(row)
+        print(f"[{len(rows)}] {name}@{res}: {row['status']}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {"env": environment(device), "settings": settings, "results": rows}
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
