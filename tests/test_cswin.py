@@ -314,6 +314,18 @@ def test_key_masks_are_cached_per_input_size():
     assert (info.misses, info.hits) == (1, 1)
 
 
+def test_mask_cached_under_inference_mode_serves_training():
+    attn = random_attention(split=7).train()
+    x = torch.randn(2, 12, 10, 16)
+    cswin._cached_key_mask.cache_clear()
+    with torch.inference_mode():
+        ref = attn(x)
+    out = attn(x)
+    out.square().sum().backward()
+    assert cswin._cached_key_mask.cache_info().hits == 1
+    assert torch.allclose(out, ref) and attn.qkv.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Whole model: sizes, gradients, timm API
 

@@ -18,9 +18,8 @@ How this implementation differs from the official code (same numbers, different 
 * Vertical stripes are handled as horizontal stripes of the transposed map, so both branches have the same
   ``[B * n_stripes, split * side, C/2]`` geometry on square maps and run as the two head groups of **one**
   ``scaled_dot_product_attention`` call and **one** depthwise LePE conv (non-square maps: one call per
-  branch).
-  Attention is invariant to the order of tokens inside a stripe, so the transposition changes nothing but the
-  layout; it costs one copy of ``qkv`` in and one copy of the output back.
+  branch). Attention is invariant to the order of tokens inside a stripe, so the transposition changes
+  nothing but the layout; it costs one copy of ``qkv`` in and one copy of the output back.
 * Weight layout: the two LePE convs are stored as one conv ``attn.lepe`` of ``C`` channels; the branch-0 half
   holds the official kernels transposed (it acts on the transposed map). ``checkpoint_filter_fn`` converts
   official state dicts and ``to_official_state_dict`` converts back.
@@ -133,7 +132,10 @@ def _build_key_mask(
     return (mask.reshape(batch * n_stripes, 2 * heads, 1, n),)
 
 
-_cached_key_mask = functools.lru_cache(maxsize=64)(_build_key_mask)
+@functools.lru_cache(maxsize=64)
+def _cached_key_mask(*args) -> tuple[Tensor, ...]:
+    with torch.inference_mode(False):  # a mask first built under inference_mode must still serve autograd
+        return _build_key_mask(*args)
 
 
 def _key_mask(*args) -> tuple[Tensor, ...]:
@@ -232,9 +234,8 @@ class CSWinAttention(nn.Module):
         masks = _key_mask(b, h, w, split, heads, fused, qkv.dtype, qkv.device) if padded else (None, None)
         weight, bias = self.lepe.weight, self.lepe.bias
         if fused:
-            stripes = torch.stack([vertical, horizontal], dim=-2).flatten(
-                -2
-            )  # one copy, [3, B, nS, sw, S, C]
+            # One copy into [3, B, nS, split, S, 2 * C']: the branches become two head groups.
+            stripes = torch.stack([vertical, horizontal], dim=-2).flatten(-2)
             y = self._stripe_attention(stripes, 2 * heads, weight, bias, masks[0]).unflatten(-1, (2, half))
             y0, y1 = y[..., 0, :], y[..., 1, :]
         else:
