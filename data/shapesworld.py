@@ -495,9 +495,12 @@ def _box_format_meta(box_format: BoxFormat) -> dict:
     return {"frame": box_format.frame, "template": box_format.template}
 
 
-def ground_task(scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT) -> dict:
+def ground_task(
+    scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT, target: int | None = None
+) -> dict:
     """Referring expression (shortest unique description) -> box text."""
-    target = rng.randrange(len(scene.objects))
+    if target is None:
+        target = rng.randrange(len(scene.objects))
     description = unique_description(target, scene.objects, rng)
     box = scene.objects[target].box()
     answer = render_box(box, (scene.image_size, scene.image_size), box_format)
@@ -512,9 +515,11 @@ def ground_task(scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAUL
     )
 
 
-def describe_task(scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT) -> dict:
+def describe_task(
+    scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT, target: int | None = None
+) -> dict:
     """Box text -> full description of the object in it."""
-    obj = rng.choice(scene.objects)
+    obj = rng.choice(scene.objects) if target is None else scene.objects[target]
     box_text = render_box(obj.box(), (scene.image_size, scene.image_size), box_format)
     question = rng.choice(DESCRIBE_QUESTIONS).format(box=box_text)
     return _task(
@@ -526,14 +531,21 @@ def describe_task(scene: Scene, rng: random.Random, box_format: BoxFormat = DEFA
     )
 
 
-def make_tasks(scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT) -> list[dict]:
-    """Every task for one image: caption, the applicable QA types, grounding and box description."""
-    return [
-        caption_task(scene, rng),
-        *qa_tasks(scene, rng),
-        ground_task(scene, rng, box_format),
-        describe_task(scene, rng, box_format),
-    ]
+def make_tasks(
+    scene: Scene, rng: random.Random, box_format: BoxFormat = DEFAULT_BOX_FORMAT, dense: bool = False
+) -> list[dict]:
+    """Every task for one image: caption, the applicable QA types, grounding and box description.
+
+    ``dense`` (used for training) asks grounding and box description once per object instead of once per
+    image: boxes are the hardest thing to learn, and every extra turn reuses the same encoded image.
+    """
+    tasks = [caption_task(scene, rng), *qa_tasks(scene, rng)]
+    if not dense:
+        return tasks + [ground_task(scene, rng, box_format), describe_task(scene, rng, box_format)]
+    for target in range(len(scene.objects)):
+        tasks.append(ground_task(scene, rng, box_format, target=target))
+        tasks.append(describe_task(scene, rng, box_format, target=target))
+    return tasks
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -619,11 +631,15 @@ def example(
     image_size: int = 96,
     p_text: float = 0.3,
     box_format: BoxFormat = DEFAULT_BOX_FORMAT,
+    dense: bool | None = None,
 ) -> tuple[Scene, list[dict], random.Random]:
-    """Scene and tasks of image ``index`` of ``split``; the RNG is returned to continue (e.g. shuffling)."""
+    """Scene and tasks of image ``index`` of ``split``; the RNG is returned to continue (e.g. shuffling).
+
+    ``dense`` (default: only for the train split) asks grounding/description for every object."""
     rng = scene_rng(seed, split, index)
     scene = sample_scene(rng, image_size, p_text=p_text)
-    return scene, make_tasks(scene, rng, box_format), rng
+    dense = split == "train" if dense is None else dense
+    return scene, make_tasks(scene, rng, box_format, dense=dense), rng
 
 
 def generate(

@@ -35,11 +35,19 @@ def normalize_answer(text: str) -> str:
 
 
 def caption_object_hits(caption: str, objects: Sequence[dict[str, Any]]) -> int:
-    """How many ground-truth objects the caption names by colour and shape (each mention counts once)."""
-    said = Counter(
-        (m.group(1), m.group(2))
-        for m in re.finditer(r"\b([a-z]+) ([a-z]+?)(?:es|s)?\b", normalize_answer(caption))
-    )
+    """How many ground-truth objects the caption names by colour and shape (each mention counts once).
+
+    Mentions are adjacent word pairs ("red circle", plural "red circles" too); each ground-truth object
+    consumes one matching mention, so three listed objects cannot be matched by one mention.
+    """
+    words = normalize_answer(caption).split()
+    said: Counter[tuple[str, str]] = Counter()
+    for first, second in zip(words, words[1:]):
+        said[(first, second)] += 1
+        for suffix in ("es", "s"):
+            if second.endswith(suffix):
+                said[(first, second[: -len(suffix)])] += 1
+                break
     hits = 0
     for obj in objects:
         key = (obj["colour"], obj["shape"])

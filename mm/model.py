@@ -69,7 +69,10 @@ class VLM(PreTrainedModel):
         proj = dict(config.projector)
         kind = proj.pop("type", "mlp")
         self.projectors = nn.ModuleDict(
-            {name: build_projector(kind, ex.out_dim, hidden, **proj) for name, ex in self.experts.items()}
+            {
+                name: build_projector(kind, ex.out_dim, hidden, grid=ex.grid_size, **proj)
+                for name, ex in self.experts.items()
+            }
         )
         self.post_init()
 

@@ -1,45 +1,74 @@
-"""LLaVA-1.5-style MLP projector: expert token grid ``[B, N, C]`` -> LLM embeddings ``[B, N, D]``."""
+"""LLaVA-1.5-style MLP projector: expert token grid ``[B, N, C]`` -> LLM embeddings ``[B, M, D]``.
+
+Two options beyond LLaVA, both off by default:
+- ``pool``: merge each ``pool x pool`` block of neighbouring tokens into one by stacking their channels
+  (pixel-unshuffle, as InternVL's pixel shuffle does): ``pool**2`` fewer LLM positions, no detail thrown away.
+- ``pos_embed``: a learned 2-D position embedding added to the projected tokens, so the LLM knows where on
+  the grid each visual token sits (it only sees a 1-D sequence otherwise) — what grounding needs.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass
-class MLPProjectorConfig:
-    in_dim: int
-    out_dim: int
-    depth: int = 2  # LLaVA-1.5 "mlp2x_gelu"
-    hidden_dim: int | None = None  # defaults to out_dim, as in LLaVA
-
-
 class MLPProjector(nn.Module):
-    """Linear -> (GELU -> Linear) x (depth - 1). One visual token in, one LLM position out."""
+    """(pixel-unshuffle) -> Linear -> (GELU -> Linear) x (depth - 1) -> (+ position embedding)."""
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        depth: int = 2,
+        hidden_dim: int | None = None,
+        grid: tuple[int, int] | None = None,
+        pool: int = 1,
+        pos_embed: bool = False,
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"projector depth must be >= 1, got {depth}")
+        if (pool > 1 or pos_embed) and grid is None:
+            raise ValueError("projector pool / pos_embed need the expert's token grid shape")
+        if grid is not None and (grid[0] % pool or grid[1] % pool):
+            raise ValueError(f"token grid {grid} is not divisible by pool={pool}")
+        self.grid, self.pool = grid, pool
+        in_features = in_dim * pool * pool
         hidden = hidden_dim or out_dim
-        layers: list[nn.Module] = [nn.Linear(in_dim, hidden if depth > 1 else out_dim)]
+        layers: list[nn.Module] = [nn.Linear(in_features, hidden if depth > 1 else out_dim)]
         for i in range(1, depth):
             layers += [nn.GELU(), nn.Linear(hidden, out_dim if i == depth - 1 else hidden)]
         self.net = nn.Sequential(*layers)
         self.in_dim, self.out_dim = in_dim, out_dim
+        self.pos_embed = None
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.randn(self.output_length(grid[0] * grid[1]), out_dim) * 0.02)
 
     def output_length(self, num_input_tokens: int) -> int:
         """Number of LLM positions produced for ``num_input_tokens`` expert tokens."""
-        return num_input_tokens
+        return num_input_tokens // (self.pool * self.pool)
+
+    def _unshuffle(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        h, w = self.grid
+        p = self.pool
+        x = tokens.view(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net(tokens)
+        if self.pool > 1:
+            tokens = self._unshuffle(tokens)
+        out = self.net(tokens)
+        if self.pos_embed is not None:
+            out = out + self.pos_embed.to(out.dtype)
+        return out
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module:
+def build_projector(
+    kind: str, in_dim: int, out_dim: int, grid: tuple[int, int] | None = None, **kwargs
+) -> nn.Module:
     """Projector registry entry point (MLP now; resampler / multi-expert fusion plug in here)."""
     if kind == "mlp":
-        return MLPProjector(in_dim, out_dim, **kwargs)
+        return MLPProjector(in_dim, out_dim, grid=grid, **kwargs)
     raise ValueError(f"unknown projector type {kind!r}; known: ['mlp']")

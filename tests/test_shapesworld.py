@@ -34,7 +34,7 @@ N_SCENES = 400  # for statistics: a few hundred scenes take well under a second
 
 @pytest.fixture(scope="module")
 def examples():
-    return [example(0, "train", i)[:2] for i in range(N_SCENES)]
+    return [example(0, "train", i, dense=False)[:2] for i in range(N_SCENES)]
 
 
 @pytest.fixture(scope="module")
@@ -425,3 +425,16 @@ def test_all_texts_yields_every_turn(dataset):
     texts = list(all_texts(records))
     assert len(texts) == sum(len(r["conversations"]) for r in records)
     assert texts[0] == records[0]["conversations"][0]["value"] and texts[0].startswith("<image>\n")
+
+
+def test_dense_training_tasks_ground_and_describe_every_object():
+    """Train records ask grounding and box description once per object (eval splits: once per image)."""
+    for index in range(30):
+        scene, tasks, _ = example(0, "train", index)
+        grounded = sorted(tuple(t["box"]) for t in tasks if t["task"] == "ground")
+        described = sorted(tuple(t["box"]) for t in tasks if t["task"] == "describe")
+        expected = sorted(tuple(round(v, 2) for v in o.box()) for o in scene.objects)
+        assert grounded == described == expected
+        _, eval_tasks, _ = example(0, "test", index)
+        assert sum(t["task"] == "ground" for t in eval_tasks) == 1
+        assert sum(t["task"] == "describe" for t in eval_tasks) == 1
