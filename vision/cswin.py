@@ -207,18 +207,19 @@ class CSWinAttention(nn.Module):
         """``[3, B, nS, split, L, C]`` (contiguous) -> ``[B, nS, split, L, C]``: attention + stripe LePE."""
         _, b, ns, split, length, c = stripes.shape
         n = split * length
-        q, k, v = stripes.view(3, b * ns, n, heads, c // heads).transpose(2, 3).unbind(0)
-        out = self._attend(q, k, v, mask).transpose(1, 2).reshape(b, ns, split, length, c)
-        lepe = self._lepe(stripes[2].view(b * ns, split, length, c), weight, bias)
+        q, k, v = stripes.view(3, b * ns, n, heads, c // heads).unbind(0)  # [B', N, h, d] views
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        out = out.transpose(1, 2).reshape(b, ns, split, length, c)
+        lepe = self._lepe(v.view(b * ns, split, length, c), weight, bias)
         return out + lepe.reshape(b, ns, split, length, c)
 
     def _full(self, qkv: Tensor) -> Tensor:
         b, h, w, _ = qkv.shape
         heads, c = self.heads_per_branch, self.dim
-        q, k, v = qkv.view(b, h * w, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = self._attend(q, k, v, None).transpose(1, 2).reshape(b, h, w, c)
-        v_img = qkv.view(b, h, w, 3, c)[..., 2, :]
-        return out + self._lepe(v_img, self.lepe.weight, self.lepe.bias)
+        q, k, v = qkv.view(b, h * w, 3, heads, c // heads).unbind(2)  # [B, N, h, d] views
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None)
+        out = out.transpose(1, 2).reshape(b, h, w, c)
+        return out + self._lepe(v.reshape(b, h, w, c), self.lepe.weight, self.lepe.bias)
 
     def _cross(self, qkv: Tensor) -> Tensor:
         b, h, w, _ = qkv.shape
@@ -227,17 +228,17 @@ class CSWinAttention(nn.Module):
         padded = (hp, wp) != (h, w)
         if padded:  # zeros after the projection: padded v is 0, like the LePE border; keys masked below
             qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))
-        qkv = qkv.view(b, hp, wp, 3, 2, half)
-        vertical = _vertical_to_stripes(qkv[..., 0, :], split)
-        horizontal = _horizontal_to_stripes(qkv[..., 1, :], split)
+        # unbind (not indexing): its backward is one stack, where each index would zero-fill a full gradient
+        part0, part1 = qkv.view(b, hp, wp, 3, 2, half).unbind(4)
+        vertical, horizontal = _vertical_to_stripes(part0, split), _horizontal_to_stripes(part1, split)
         fused = self.fuse_branches and hp == wp
         masks = _key_mask(b, h, w, split, heads, fused, qkv.dtype, qkv.device) if padded else (None, None)
         weight, bias = self.lepe.weight, self.lepe.bias
         if fused:
             # One copy into [3, B, nS, split, S, 2 * C']: the branches become two head groups.
             stripes = torch.stack([vertical, horizontal], dim=-2).flatten(-2)
-            y = self._stripe_attention(stripes, 2 * heads, weight, bias, masks[0]).unflatten(-1, (2, half))
-            y0, y1 = y[..., 0, :], y[..., 1, :]
+            y = self._stripe_attention(stripes, 2 * heads, weight, bias, masks[0])
+            y0, y1 = y.unflatten(-1, (2, half)).unbind(-2)
         else:
             b0, b1 = (None, None) if bias is None else (bias[:half], bias[half:])
             y0 = self._stripe_attention(vertical.contiguous(), heads, weight[:half], b0, masks[0])
