@@ -37,8 +37,6 @@ Any input size (the official ImageNet model only runs at its build size with sid
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -724,24 +722,17 @@ register_official("cswin", build_from_official, checkpoint_filter_fn)
 # timm registration
 
 
-def _checkpoint_globals():
-    """Released checkpoints are timm CheckpointSaver dicts that may pickle the training ``args`` Namespace;
-    allow exactly that class for ``torch.load(weights_only=True)``."""
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    return safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
-
-
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWinTransformer:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    with _checkpoint_globals():
-        return build_model_with_cfg(
-            CSWinTransformer,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-            **kwargs,
-        )
+    # timm's file loader unwraps `state_dict_ema` and allows the pickled training `args` of released files.
+    return build_model_with_cfg(
+        CSWinTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
 def _cfg(input_size: int = 224, **kwargs: Any) -> dict[str, Any]:
