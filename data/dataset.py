@@ -35,6 +35,7 @@ class ConversationDataset(Dataset):
         *,
         cache_pixels: bool = False,
         blind: bool = False,
+        branch_turns: bool = False,
         progress: bool = True,
     ):
         self.processor = processor
@@ -48,7 +49,10 @@ class ConversationDataset(Dataset):
         for index, rec in enumerate(tqdm(records, desc="tokenize", disable=not progress, leave=False)):
             paths = resolve_image_paths(rec, self.base_dir)
             try:
-                feats = processor.tokenize(rec["conversations"], len(paths))
+                if branch_turns:
+                    feats = processor.tokenize_branched(rec["conversations"], len(paths))
+                else:
+                    feats = processor.tokenize(rec["conversations"], len(paths))
             except ValueError as err:
                 self.skipped.append({"index": index, "id": rec.get("id"), "reason": str(err)})
                 continue

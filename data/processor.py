@@ -101,6 +101,70 @@ class VLMProcessor:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": ids, "labels": labels}
 
+    def tokenize_branched(
+        self, conversation: Sequence[Mapping[str, Any]], num_images: int
+    ) -> dict[str, list[int]]:
+        """Pack a multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
+
+        Each (question, answer) pair becomes the single-turn chat ``<image>\n{question} -> {answer}``; the
+        tokens they share (system prompt, user header, the image) are kept once as segment 0, and each pair's
+        remaining tokens form segment k >= 1. With the segment-aware mask of ``mm.model`` a branch sees only
+        the prefix and itself, at the positions a single-turn prompt would have: one image encoding serves
+        every question, and no answer can be copied from another turn (the eval setting is single-turn).
+        Falls back to ``tokenize`` for conversations that do not fit the pattern (several images, images
+        after the first turn, a single turn).
+        """
+        turns = [t for t in conversation if t.get("from", t.get("role")) not in ("system",)]
+        first = turns[0]["value"] if turns and "value" in turns[0] else None
+        pairs = len(turns) // 2
+        if (
+            num_images != 1
+            or pairs < 2
+            or first is None
+            or not first.startswith(IMAGE_TOKEN)
+            or sum(t["value"].count(IMAGE_TOKEN) for t in turns) != 1
+        ):
+            feats = self.tokenize(conversation, num_images)
+            feats["segments"] = [0] * len(feats["input_ids"])
+            return feats
+        system = [t for t in conversation if t.get("from") == "system"]
+        branches = []
+        for k in range(pairs):
+            question = turns[2 * k]["value"]
+            if k == 0:
+                question = question[len(IMAGE_TOKEN) :].lstrip("\n")
+            single = system + [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                {"from": "gpt", "value": turns[2 * k + 1]["value"]},
+            ]
+            enc = tokenize_conversation(
+                self._messages(single), self.tokenizer, chat_template=self.chat_template
+            )
+            branches.append(enc)
+        prefix = 0
+        ref = branches[0]["input_ids"]
+        while prefix < len(ref) and all(
+            prefix < len(b["input_ids"]) and b["input_ids"][prefix] == ref[prefix] for b in branches
+        ):
+            prefix += 1
+        if self.image_token_id not in ref[:prefix] or any(
+            lab != IGNORE_INDEX for b in branches for lab in b["labels"][:prefix]
+        ):
+            raise ValueError("branched packing: the turns share no prefix holding the image")
+        ids, labels = list(ref[:prefix]), list(branches[0]["labels"][:prefix])
+        segments = [0] * prefix
+        for k, b in enumerate(branches, start=1):
+            ids += b["input_ids"][prefix:]
+            labels += b["labels"][prefix:]
+            segments += [k] * (len(b["input_ids"]) - prefix)
+        ids_x, labels_x = self._expand(ids, labels)
+        segments_x: list[int] = []
+        for tok, seg in zip(ids, segments):
+            segments_x.extend([seg] * (self.tokens_per_image if tok == self.image_token_id else 1))
+        if self.max_length is not None and len(ids_x) > self.max_length:
+            raise ValueError(f"packed branches of {len(ids_x)} tokens exceed max_length={self.max_length}")
+        return {"input_ids": ids_x, "labels": labels_x, "segments": segments_x}
+
     # -- images ---------------------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Decoded images -> ``{expert name: [num_images, 3, S, S]}`` (each expert's own preprocessing)."""
@@ -129,6 +193,8 @@ class VLMProcessor:
         ids = torch.full((len(features), length), pad_id, dtype=torch.long)
         labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(features), length), dtype=torch.long)
+        with_segments = any("segments" in f for f in features)
+        segments = torch.zeros((len(features), length), dtype=torch.long) if with_segments else None
         for row, f in enumerate(features):
             n = len(f["input_ids"])
             cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
@@ -136,11 +202,16 @@ class VLMProcessor:
             mask[row, cols] = 1
             if "labels" in f:
                 labels[row, cols] = torch.as_tensor(f["labels"], dtype=torch.long)
+            if segments is not None and "segments" in f:
+                segments[row, cols] = torch.as_tensor(f["segments"], dtype=torch.long)
         pixel_values = None
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
             pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+        if segments is not None:
+            batch["segment_ids"] = segments
+        return batch
 
     # -- persistence ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class DataSection:
     system_prompt: str | None = None
     cache_pixels: bool = False
     blind: bool = False  # replace every image by a black one: the no-vision baseline
+    branch_turns: bool = False  # train multi-turn one-image records as single-turn branches on one prefix
     num_workers: int = 0
     val_max_records: int = 256
 

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from projectors import build_projector
 from vision.experts import ExpertConfig, VisualExpert
 
-from .positions import build_position_ids
+from .positions import branch_attention_mask, branch_position_ids, build_position_ids
 
 
 class VLMConfig(PretrainedConfig):
@@ -134,10 +134,27 @@ class VLM(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``segment_ids`` (training only): packed single-turn branches on a shared prefix, see
+        ``VLMProcessor.tokenize_branched``; the LLM then gets a 4-D mask and per-branch positions."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if segment_ids is not None:
+            if position_ids is None:
+                position_ids = branch_position_ids(
+                    input_ids,
+                    attention_mask,
+                    segment_ids,
+                    self.config.image_token_id,
+                    self.config.visual_delta,
+                )
+            attention_mask = branch_attention_mask(attention_mask, segment_ids)
+            if self.llm.config._attn_implementation == "eager":
+                attention_mask = torch.zeros(
+                    attention_mask.shape, dtype=self.dtype, device=input_ids.device
+                ).masked_fill(~attention_mask, torch.finfo(self.dtype).min)
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask)
         inputs_embeds = self.embed(input_ids, pixel_values)

@@ -168,7 +168,8 @@ class JsonlLog:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+    keys = [k for k in ("input_ids", "attention_mask", "labels", "segment_ids") if k in batch]
+    out = {k: batch[k].to(device, non_blocking=True) for k in keys}
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
     return out
@@ -229,6 +230,7 @@ class Trainer:
             train_path.parent,
             cache_pixels=cfg.data.cache_pixels,
             blind=cfg.data.blind,
+            branch_turns=cfg.data.branch_turns,
             progress=progress and self.is_main,
         )
         self.val_set = None
