@@ -92,11 +92,20 @@ def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None = Non
 
 
 def _group_norm1_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm(1, C) on (B, H, W, C): one LayerNorm over (H, W, C) in the input dtype (fp32 statistics
-    inside the kernel) plus the per-channel affine (native group_norm copies channels-last input on GPU)."""
+    """GroupNorm(1, C) on (B, H, W, C). Statistics come from reductions that parallelise over the whole map
+    (layer_norm / group_norm kernels give each image one thread block) and accumulate in fp32; one fused
+    multiply-add then applies them in the input dtype."""
     with torch.autocast(x.device.type, enabled=False):
-        y = F.layer_norm(x, x.shape[1:], eps=eps)
-        return torch.addcmul(bias.to(y.dtype), y, weight.to(y.dtype))
+        dims = (1, 2, 3)
+        if x.dtype in (torch.float32, torch.float64):
+            var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        else:  # 16-bit input: fp32 moments without an fp32 copy of x
+            mean = x.mean(dims, keepdim=True, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(x, 2, dims, keepdim=True, dtype=torch.float32)
+            var = (norm.square() / (x.numel() // x.shape[0]) - mean.square()).clamp(min=0)
+        scale = torch.rsqrt(var + eps) * weight.to(var.dtype)
+        shift = bias.to(var.dtype) - mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
