@@ -1,0 +1,73 @@
+"""Shared fixtures for the mmstack foundation tests: one tiny VLM (2-layer Llama, resnet10t stage 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)
+
+CORPUS = [
+    "What colour is the circle?",
+    "red",
+    "Describe the image.",
+    "2 objects: a small red circle and a big blue square.",
+    "Where is the square?",
+    "[12, 340, 560, 780]",
+    "How many shapes are there?",
+    "blue green yellow",
+] * 40
+
+TINY_LLM = {"family": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_EXPERT = {"name": "main", "model": "resnet10t", "image_size": 64, "feature_index": 2}
+TINY_PROJECTOR = {"type": "mlp", "pool": 2, "pos_embed": True}
+
+
+def tiny_model_section(**changes):
+    from mm.config import ModelSection
+
+    values = dict(
+        llm=dict(TINY_LLM),
+        experts=[dict(TINY_EXPERT)],
+        projector=dict(TINY_PROJECTOR),
+        tokenizer_vocab_size=300,
+        visual_delta=1.0,
+    )
+    values.update(changes)
+    return ModelSection(**values)
+
+
+def build_tiny(visual_delta: float = 1.0, seed: int = 0):
+    """(model in eval mode, processor) with random weights, reproducible from ``seed``."""
+    from mm.build import build_tokenizer, build_vlm, make_processor
+
+    torch.manual_seed(seed)
+    section = tiny_model_section(visual_delta=visual_delta)
+    tokenizer = build_tokenizer(section, CORPUS)
+    model = build_vlm(section, tokenizer).eval()
+    return model, make_processor(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm():
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_vlm):
+    return tiny_vlm[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_vlm):
+    return tiny_vlm[1]
+
+
+def solid_image(colour=(255, 0, 0), size=(80, 60)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+@pytest.fixture
+def red_image():
+    return solid_image()
