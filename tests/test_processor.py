@@ -1,0 +1,224 @@
+"""The processor: placeholder expansion, count checks, assistant-only labels, collation, branched packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny, solid_image
+
+from data.templates import IGNORE_INDEX, assistant_text_from_labels
+
+
+def image_runs(ids: list[int], image_id: int) -> list[int]:
+    """Lengths of the contiguous runs of image tokens in ``ids``."""
+    runs, current = [], 0
+    for tok in ids:
+        if tok == image_id:
+            current += 1
+        elif current:
+            runs.append(current)
+            current = 0
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "<image>\nWhat colour is the circle?",
+        "Left <image> and right <image>: which is red?",
+        "<image>\nfirst\n<image>\nsecond\n<image>\nHow many shapes are there?",
+    ],
+)
+def test_each_placeholder_expands_to_tokens_per_image(tiny_processor, question):
+    proc = tiny_processor
+    n = question.count("<image>")
+    conv = [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]
+    feats = proc(conv, [solid_image()] * n)
+    ids = feats["input_ids"]
+    assert proc.tokens_per_image == 16
+    assert image_runs(ids, proc.image_token_id) == [16] * n
+    assert len(ids) == len(feats["labels"])
+    # the text around the images survives, in order
+    text = proc.tokenizer.decode([t for t in ids if t != proc.image_token_id])
+    for part in question.replace("<image>", "\x00").split("\x00"):
+        assert part.strip() in text
+    assert feats["pixel_values"]["main"].shape == (n, 3, 64, 64)
+    assert feats["pixel_values"]["main"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize(("placeholders", "images"), [(1, 2), (2, 1), (0, 1), (1, 0)])
+def test_placeholder_count_mismatch_is_an_error(tiny_processor, placeholders, images):
+    conv = [{"from": "human", "value": "<image> " * placeholders + "What?"}, {"from": "gpt", "value": "red"}]
+    message = (
+        f"conversation has {placeholders} <image> placeholder\\(s\\) but {images} image\\(s\\) were given"
+    )
+    with pytest.raises(ValueError, match=message):
+        tiny_processor(conv, [solid_image()] * images)
+
+
+def test_labels_cover_only_assistant_text(tiny_processor):
+    proc = tiny_processor
+    conv = [
+        {"from": "human", "value": "<image>\nWhat colour is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Where is the square?"},
+        {"from": "gpt", "value": "[12, 340, 560, 780]"},
+    ]
+    feats = proc.tokenize(conv, 1)
+    ids, labels = feats["input_ids"], feats["labels"]
+    assert assistant_text_from_labels(ids, labels, proc.tokenizer) == [
+        "red<|im_end|>",
+        "[12, 340, 560, 780]<|im_end|>",
+    ]
+    image_positions = [i for i, t in enumerate(ids) if t == proc.image_token_id]
+    assert all(labels[i] == IGNORE_INDEX for i in image_positions)
+    assert sum(lab != IGNORE_INDEX for lab in labels) < len(ids) // 3
+
+
+def test_generation_prompt_ends_with_assistant_header(tiny_processor):
+    proc = tiny_processor
+    feats = proc([{"from": "human", "value": "<image>\nWhat colour?"}], [solid_image()], for_generation=True)
+    assert proc.tokenizer.decode(feats["input_ids"]).endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        proc.tokenize(
+            [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}], 0, for_generation=True
+        )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_pads_on_the_requested_side(tiny_processor, side):
+    proc = tiny_processor
+    short = proc(
+        [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}], [solid_image()]
+    )
+    long = proc(
+        [
+            {"from": "human", "value": "<image>\n<image>\nDescribe the image."},
+            {"from": "gpt", "value": "2 objects: a small red circle and a big blue square."},
+        ],
+        [solid_image(), solid_image((0, 0, 255))],
+    )
+    batch = proc.collate([short, long], padding_side=side)
+    n, length = len(short["input_ids"]), len(long["input_ids"])
+    pad = proc.tokenizer.pad_token_id
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, length)
+    real = slice(0, n) if side == "right" else slice(length - n, length)
+    padding = slice(n, length) if side == "right" else slice(0, length - n)
+    assert batch["input_ids"][0, real].tolist() == short["input_ids"]
+    assert batch["labels"][0, real].tolist() == short["labels"]
+    assert batch["attention_mask"][0].sum().item() == n
+    assert batch["attention_mask"][0, real].all() and not batch["attention_mask"][0, padding].any()
+    assert (batch["input_ids"][0, padding] == pad).all()
+    assert (batch["labels"][0, padding] == IGNORE_INDEX).all()
+    assert batch["input_ids"][1].tolist() == long["input_ids"]
+    # pixels of all images in placeholder order: short's red, then long's red and blue
+    pixels = batch["pixel_values"]["main"]
+    assert pixels.shape == (3, 3, 64, 64)
+    assert pixels[:, 0, 0, 0].tolist() == [255, 255, 0] and pixels[:, 2, 0, 0].tolist() == [0, 0, 255]
+    assert "segment_ids" not in batch
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        proc.collate([short], padding_side="middle")
+
+
+def test_max_length_truncates_text_but_never_an_image(tiny_model, tiny_processor):
+    from mm.build import make_processor
+    from mm.config import DataSection
+
+    proc = make_processor(tiny_model, tiny_processor.tokenizer, DataSection(max_length=40))
+    conv = [
+        {"from": "human", "value": "<image>\nWhat?"},
+        {"from": "gpt", "value": "a small red circle " * 10},
+    ]
+    feats = proc.tokenize(conv, 1)
+    full = tiny_processor.tokenize(conv, 1)
+    assert len(full["input_ids"]) > 40
+    assert feats["input_ids"] == full["input_ids"][:40] and feats["labels"] == full["labels"][:40]
+    late = [
+        {"from": "human", "value": "Describe the image. " * 5 + "<image>"},
+        {"from": "gpt", "value": "red"},
+    ]
+    with pytest.raises(ValueError, match="would cut an image"):
+        proc.tokenize(late, 1)
+
+
+THREE_TURNS = [
+    {"from": "human", "value": "<image>\nWhat colour is the circle?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "Describe the image."},
+    {"from": "gpt", "value": "2 objects: a small red circle"},
+    {"from": "human", "value": "Where?"},
+    {"from": "gpt", "value": "[12, 340, 560, 780]"},
+]
+
+
+def test_tokenize_branched_layout(tiny_processor):
+    proc = tiny_processor
+    packed = proc.tokenize_branched(THREE_TURNS, 1)
+    ids, labels, segs = packed["input_ids"], packed["labels"], packed["segments"]
+    assert len(ids) == len(labels) == len(segs)
+    assert sorted(set(segs)) == [0, 1, 2, 3]
+    assert segs == sorted(segs)  # prefix first, then each branch in turn order
+    prefix = [t for t, s in zip(ids, segs) if s == 0]
+    assert prefix.count(proc.image_token_id) == 16  # one image, shared by every branch
+    assert all(lab == IGNORE_INDEX for lab, s in zip(labels, segs) if s == 0)
+    answers = [
+        assistant_text_from_labels(
+            [t for t, s in zip(ids, segs) if s == k],
+            [lab for lab, s in zip(labels, segs) if s == k],
+            proc.tokenizer,
+        )
+        for k in (1, 2, 3)
+    ]
+    assert answers == [
+        ["red<|im_end|>"],
+        ["2 objects: a small red circle<|im_end|>"],
+        ["[12, 340, 560, 780]<|im_end|>"],
+    ]
+
+
+def test_tokenize_branched_falls_back_for_single_turn(tiny_processor):
+    conv = THREE_TURNS[:2]
+    packed = tiny_processor.tokenize_branched(conv, 1)
+    plain = tiny_processor.tokenize(conv, 1)
+    assert packed["input_ids"] == plain["input_ids"] and packed["labels"] == plain["labels"]
+    assert packed["segments"] == [0] * len(plain["input_ids"])
+
+
+@pytest.mark.parametrize("delta", [1.0, 0.5])
+def test_branches_give_the_logits_of_single_turn_conversations(delta):
+    model, proc = build_tiny(visual_delta=delta, seed=1)
+    image = solid_image((255, 0, 0), (80, 60))
+    packed = proc.tokenize_branched(THREE_TURNS, 1)
+    batch = proc.collate([{**packed, "pixel_values": proc.pixels([image])}])
+    assert batch["segment_ids"][0].tolist() == packed["segments"]
+    with torch.no_grad():
+        packed_logits = model(**batch).logits[0]
+    segs = torch.tensor(packed["segments"])
+    prefix = int((segs == 0).sum())
+    for k in range(3):
+        question = THREE_TURNS[2 * k]["value"].removeprefix("<image>\n")
+        single = proc([{"from": "human", "value": "<image>\n" + question}, THREE_TURNS[2 * k + 1]], [image])
+        with torch.no_grad():
+            single_logits = model(**proc.collate([single])).logits[0]
+        n = int((segs == k + 1).sum())
+        assert single_logits.shape[0] == prefix + n
+        assert torch.allclose(packed_logits[:prefix], single_logits[:prefix], atol=1e-5)
+        diff = (packed_logits[segs == k + 1] - single_logits[prefix:]).abs().max().item()
+        assert diff < 1e-4, f"branch {k + 1}: max |logit diff| {diff}"
+    # without the segment mask, later branches would see earlier ones: the logits differ
+    plain = {k: v for k, v in batch.items() if k != "segment_ids"}
+    with torch.no_grad():
+        leaky = model(**plain).logits[0]
+    assert (leaky[segs == 3] - packed_logits[segs == 3]).abs().max().item() > 1e-3
+
+
+def test_processor_settings_roundtrip(tmp_path, tiny_model, tiny_processor):
+    from data.processor import VLMProcessor
+
+    tiny_processor.save_pretrained(tmp_path)
+    loaded = VLMProcessor.from_pretrained(tmp_path, {"main": tiny_model.experts["main"].preprocess})
+    assert loaded.settings() == tiny_processor.settings()
+    conv = THREE_TURNS[:2]
+    assert loaded.tokenize(conv, 1) == tiny_processor.tokenize(conv, 1)
+    with pytest.raises(FileNotFoundError, match="no processor settings"):
+        VLMProcessor.from_pretrained(tmp_path / "nowhere", {})
