@@ -41,7 +41,7 @@ def run_quickstart(
     from .report import console, print_metrics, print_samples
 
     t0 = time.perf_counter()
-    spec = recipe()
+    spec = apply_overrides(recipe(), list(overrides or []))
     data_spec = spec.pop("shapesworld")
     if n is not None:
         data_spec["n"] = n
@@ -72,7 +72,7 @@ def run_quickstart(
         spec["train"]["max_minutes"] = minutes
     if steps is not None:
         spec["train"]["max_steps"] = steps
-    cfg = config_from_dict(apply_overrides(spec, list(overrides or [])))
+    cfg = config_from_dict(spec)
     budget = f"{cfg.train.max_steps} steps" + (
         f" or {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else ""
     )
