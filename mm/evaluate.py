@@ -44,10 +44,10 @@ def caption_object_hits(caption: str, objects: Sequence[dict[str, Any]]) -> int:
     said: Counter[tuple[str, str]] = Counter()
     for first, second in zip(words, words[1:]):
         said[(first, second)] += 1
+        # both singular candidates: "crosses" -> "cross", but "circles" -> "circle" (not "circl")
         for suffix in ("es", "s"):
             if second.endswith(suffix):
                 said[(first, second[: -len(suffix)])] += 1
-                break
     hits = 0
     for obj in objects:
         key = (obj["colour"], obj["shape"])
