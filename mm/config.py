@@ -79,6 +79,8 @@ _SCALARS = {"float": float, "int": int}
 def _coerce(value: Any, annotation: str, where: str) -> Any:
     """YAML reads ``1e-3`` as a string; convert numbers written that way to the field's declared type."""
     kind = annotation.split("|")[0].strip()
+    if kind == "str" and isinstance(value, bool):  # YAML 1.1 reads `no`/`off` (mixed_precision=no) as False
+        return "yes" if value else "no"
     if kind in _SCALARS and isinstance(value, str):
         try:
             return _SCALARS[kind](value)
