@@ -91,6 +91,13 @@ def test_uninterrupted_run_logs_every_step_and_learns(full_run):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
 
 
+@pytest.mark.parametrize("word", ["no", "off"])
+def test_mixed_precision_no_override_stays_a_word(word):
+    # YAML 1.1 reads `no` as False; accelerate needs the string
+    assert load_config(None, [f"train.mixed_precision={word}"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
 def test_checkpoints_are_atomic_and_pruned(full_run):
     out, _ = full_run
     root = out / CHECKPOINTS
