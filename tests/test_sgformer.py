@@ -12,6 +12,7 @@ the official model's own rounding sensitivity.
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from vision.sgformer import (
     SGFormer,
     SignificanceGuidedAttention,
     _GatherPermutations,
-    _merge_plan,
     build_from_official,
     checkpoint_filter_fn,
     convert_official_state_dict,
@@ -285,7 +285,8 @@ def test_from_official_unwraps_checkpoint_containers(golden):
 def test_timm_pretrained_file_loads_official_checkpoint(golden, tmp_path):
     meta, state, image, _ = golden
     path = tmp_path / "sgformer_official.pth"
-    torch.save({"state_dict_ema": state, "epoch": 299}, path)
+    # the release layout: timm CheckpointSaver dict with EMA weights and the argparse namespace
+    torch.save({"state_dict": {}, "state_dict_ema": state, "epoch": 299, "args": Namespace(lr=1e-3)}, path)
     kw = meta["kw"]
     model = timm.create_model(
         "sgformer_s",
@@ -386,9 +387,9 @@ def test_block_alternation_and_kv_token_counts_at_224():
     assert kinds == [["hsa", "sga"], ["hsa", "sga"], ["hsa", "sga"], ["mhsa"]]
     assert model.pos_embed.shape == (1, 56 * 56, 16)
     for sr, n, tokens in ((8, 56 * 56, 60), (4, 28 * 28, 60), (2, 14 * 14, 147)):
-        onehot = _merge_plan(n, MERGE_GROUPS[sr], torch.device("cpu"), torch.float32)[0]
-        assert onehot.shape == (tokens, n)
-        assert torch.equal(onehot.sum(0), torch.ones(n))  # each sorted position feeds exactly one token
+        matrix = merge_matrix(SignificanceGuidedAttention(16, 2, sr), n)
+        assert matrix.shape == (tokens, n)
+        assert torch.equal((matrix != 0).sum(0), torch.ones(n, dtype=torch.long))  # each position: one token
     for i, stage in enumerate(model.stages[:3]):
         attn = stage.blocks[0].attn
         side = 56 // 2**i  # stage resolution at 224: 56, 28, 14 with sr 8, 4, 2 -> 7x7 global tokens
@@ -396,25 +397,36 @@ def test_block_alternation_and_kv_token_counts_at_224():
         assert grid == (7, 7) and reduced.shape == (1, 49, attn.dim)
 
 
-def test_merge_plan_for_any_token_count():
+def merge_matrix(attn: SignificanceGuidedAttention, n: int) -> torch.Tensor:
+    """The (T, N) weights the merge applies to N sorted tokens, read off by merging the identity."""
+    with torch.no_grad():
+        return attn.merge(torch.eye(n)) - attn.merge(torch.zeros(n, 1))
+
+
+def test_merge_for_any_token_count():
     """Full groups use the f weights as they are; a partial last group spreads the same total weight."""
     attn = SignificanceGuidedAttention(16, 2, 8)
     with torch.no_grad():
         for f, g in zip((attn.f1, attn.f2, attn.f3), MERGE_GROUPS[8]):
             f.weight.copy_(torch.randn(1, g))
+            f.bias.copy_(torch.randn(1))
         n = 80 * 48  # 320x192 input: parts 960 / 1920 / 960 tokens
-        merge, bias = attn.merge_matrix(n, torch.device("cpu"))
+        merge = merge_matrix(attn, n)
+        bias = attn.merge(torch.zeros(n, 1))[:, 0]
     rows = [960 // 196 + 1, 1920 // 56 + 1, 960 // 28 + 1]  # 4 full + 1 partial, 34 + 1, 34 + 1
     assert merge.shape == (sum(rows), n) and bias.shape == (sum(rows),)
     assert torch.equal(bias, torch.cat([f.bias.expand(r) for f, r in zip((attn.f1, attn.f2, attn.f3), rows)]))
-    assert torch.equal(merge[0, :196], attn.f1.weight[0])  # full group, sorted positions 0..195
-    assert torch.equal(merge[rows[0], 960 : 960 + 56], attn.f2.weight[0])
+    assert torch.allclose(merge[0, :196], attn.f1.weight[0], atol=1e-6)  # full group, sorted positions 0..195
+    assert torch.allclose(merge[rows[0], 960 : 960 + 56], attn.f2.weight[0], atol=1e-6)
     partial_row = merge[rows[0] - 1, 4 * 196 : 960]  # 176 tokens carry f1 area-resampled: same total weight
     assert torch.allclose(partial_row.sum(), attn.f1.weight.sum(), atol=1e-4)
     w, step = attn.f1.weight[0].double(), 196 / 176  # tap 1 integrates f1 over [step, 2 * step)
     expected = (2 - step) * w[1] + (2 * step - 2) * w[2]
     assert torch.allclose(partial_row[1].double(), expected, atol=1e-6)
     assert (merge != 0).sum().item() == n
+    tiny = merge_matrix(attn, 7)  # parts of 1, 4 and 2 tokens: one partial run each
+    totals = torch.stack([f.weight.sum() for f in (attn.f1, attn.f2, attn.f3)])
+    assert tiny.shape == (3, 7) and torch.allclose(tiny.sum(1), totals, atol=1e-4)
 
 
 def test_hsa_local_windows_mask_padding_exactly():
@@ -569,6 +581,21 @@ def test_low_precision_is_finite():
     assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     assert rel(bf16.float(), reference) < 0.1 and rel(half.float(), reference) < 0.02
+
+
+def test_plans_cached_under_inference_mode_serve_training():
+    """Index plans cached by an inference_mode forward must not be inference tensors later in training."""
+    from vision import sgformer
+
+    for cached in (sgformer._merge_plan, sgformer._gather_layout, sgformer._window_plan):
+        cached.cache_clear()
+    model = micro()
+    image = torch.randn(1, 3, 100, 60)  # padded windows, partial merge runs
+    with torch.inference_mode():
+        expected = model(image)
+    out = model(image)
+    out.sum().backward()
+    assert torch.allclose(out, expected) and model.stages[0].blocks[1].attn.f1.weight.grad is not None
 
 
 def test_channels_last_model_and_input():
