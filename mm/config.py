@@ -61,6 +61,12 @@ class TrainSection:
     gradient_checkpointing: bool = False
     threads: int | None = None
     keep_checkpoints: int = 2
+    # Dense pretraining of trainable experts on object annotations (meta.objects) before the VLM stage;
+    # 0 steps: off. See mm/expert_pretrain.py.
+    expert_pretrain_steps: int = 0
+    expert_pretrain_minutes: float | None = None
+    expert_pretrain_lr: float = 2e-3
+    expert_pretrain_batch_size: int = 64
 
 
 @dataclass

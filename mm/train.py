@@ -220,6 +220,9 @@ class Trainer:
         processor.system_prompt = cfg.data.system_prompt
         self.processor = processor
         self.counts = apply_stage(model, t.stage, t.train_experts)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if t.expert_pretrain_steps and resume_from is None:
+            self._pretrain_experts(model, records, train_path.parent)
         if t.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -267,6 +270,36 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.out / "config.yaml")
             self._record_skips(self.train_set.skipped)
+
+    def _pretrain_experts(self, model: VLM, records: list[dict[str, Any]], base_dir: Path) -> None:
+        from .expert_pretrain import pretrain_expert
+
+        t, acc = self.cfg.train, self.accelerator
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        for name, expert in model.experts.items():
+            if not any(p.requires_grad for p in expert.parameters()):
+                continue
+            expert.to(acc.device)
+            history = pretrain_expert(
+                expert,
+                records,
+                base_dir,
+                steps=t.expert_pretrain_steps,
+                batch_size=t.expert_pretrain_batch_size,
+                lr=t.expert_pretrain_lr,
+                max_minutes=t.expert_pretrain_minutes,
+                device=acc.device,
+                autocast_dtype=dtype,
+                seed=t.seed,
+                progress=self.progress and self.is_main,
+            )
+            if self.is_main:
+                with open(self.out / "expert_pretrain_log.jsonl", "a") as f:
+                    for row in history:
+                        f.write(json.dumps({"expert": name, **row}) + "\n")
+                log.info(
+                    "expert %s pretrained: %d steps, final loss %.3f", name, len(history), history[-1]["loss"]
+                )
 
     def _record_skips(self, skips: list[dict[str, Any]]) -> None:
         if skips and self.is_main:
