@@ -156,9 +156,9 @@ def pretrain_expert(
         sched.step()
         record = {
             "step": step + 1,
-            "loss": float(loss),
-            "loss_cls": float(loss_cls),
-            "loss_box": float(loss_box),
+            "loss": float(loss.detach()),
+            "loss_cls": float(loss_cls.detach()),
+            "loss_box": float(loss_box.detach()),
         }
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
