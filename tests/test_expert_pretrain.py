@@ -13,7 +13,8 @@ def test_cell_targets_mark_cells_whose_centre_is_inside_a_box():
         {"colour": "red", "shape": "square", "size": "large", "box": [0, 0, 50, 50]},
         {"colour": "blue", "shape": "circle", "size": "small", "box": [60, 60, 80, 80]},
     ]
-    classes, edges = cell_targets(objects, (100, 100), (4, 4), VOCAB)  # cell centres at 12.5, 37.5, 62.5, 87.5
+    # cell centres at 12.5, 37.5, 62.5, 87.5
+    classes, edges = cell_targets(objects, (100, 100), (4, 4), VOCAB)
     assert classes.shape == (3, 4, 4) and edges.shape == (4, 4, 4)
     red_square = torch.zeros(4, 4, dtype=torch.bool)
     red_square[:2, :2] = True
@@ -39,8 +40,8 @@ def test_smallest_box_wins_where_boxes_overlap():
 
 
 def test_pretraining_lowers_the_dense_loss(tmp_path):
-    from data.shapesworld import generate
     from data.schema import load_llava_json
+    from data.shapesworld import generate
 
     generate(tmp_path, n=20, seed=0, progress=False)
     records = load_llava_json(tmp_path / "train.json")
