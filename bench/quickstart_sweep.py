@@ -3,7 +3,8 @@
 Runs ``mm quickstart`` for each variant given as ``NAME:override;override;...`` and writes a table + JSON.
 Used on a lent GPU to explore learning dynamics quickly: the same steps and batch give the same
 learning curve on the CPU, only slower. Example:
-    python bench/quickstart_sweep.py --out /tmp/sweep --steps 500 base: lr2e3:train.lr=2e-3;train.warmup_steps=100
+    python bench/quickstart_sweep.py --out /tmp/sweep --steps 500 base: \
+        'lr2e3:train.lr=2e-3;train.warmup_steps=100'
 """
 
 from __future__ import annotations

@@ -9,6 +9,4 @@ from .official import from_official, official_archs, register_official
 __all__ = ["from_official", "official_archs", "register_official"]
 
 # Backbone families register themselves with timm and with `from_official` on import.
-from . import cswin  # noqa: E402,F401
-from . import biformer  # noqa: E402,F401
-from . import sgformer  # noqa: E402,F401
+from . import biformer, cswin, sgformer  # noqa: E402,F401
