@@ -252,6 +252,9 @@ def test_every_block_matches_official_given_same_inputs(golden):
                 checked += 1
             ours = stage.norm(ours)
         assert checked == sum(kw["depths"])
+        tokens = ours.flatten(1, 2)
+        ref_logits = _lin(state, "head", _ln(state, "norm4", tokens, kw["norm_eps"]).mean(1))
+        assert rel(model.forward_head(model.norm(ours)), ref_logits) <= 1e-6
 
 
 def test_golden_logits_within_official_rounding_sensitivity(golden):
@@ -362,9 +365,9 @@ def test_official_builder_arguments():
     assert model.norm.eps == 1e-6 and model.stages[0].blocks[0].norm1.eps == 1e-6
     assert model.stem.norm.eps == 1e-5 and model.stages[0].blocks[0].attn.sr_norm.eps == 1e-5
     assert [len(s.blocks) for s in model.stages] == [3, 4, 6, 3]  # official class defaults
-    assert model.stages[0].blocks[0].attn.in_proj.bias.shape == (
-        16,
-    )  # qkv_bias=False: only lepe_linear's bias
+    # qkv_bias=False: in_proj carries only lepe_linear's bias; stage 1 alternates over an odd depth
+    assert model.stages[0].blocks[0].attn.in_proj.bias.shape == (16,)
+    assert [b.kind for b in model.stages[0].blocks] == ["hsa", "sga", "hsa"]
     with pytest.raises(TypeError, match="unexpected official SG-Former argument\\(s\\): \\['window'\\]"):
         build_from_official({"window": 7})
     with pytest.raises(ValueError, match="SG-Former has four stages, got num_stages=3"):
@@ -452,9 +455,11 @@ def test_hsa_local_windows_mask_padding_exactly():
                 expected = (probs @ v[win].reshape(2, hw, 8)).view(2, *q[win].shape[1:3], 8)
                 assert torch.allclose(out[win][..., 8:], expected, atol=1e-6)
                 local_sig[win] = probs.mean(1).view(2, *q[win].shape[1:3])
-        # global half: one reduced token (10x12 zero-padded to 16x16 by sr 8 -> 2x2 tokens)
+        # global half: 10x12 zero-padded to 16x16, sr 8 -> 2x2 reduced tokens
         reduced, grid = attn._reduce(x)
-        assert grid == (2, 2)
+        padded = F.pad(x.permute(0, 3, 1, 2), (0, 4, 0, 6))
+        expected = F.conv2d(padded, attn.sr.weight, attn.sr.bias, stride=8).flatten(2).mT
+        assert grid == (2, 2) and torch.allclose(reduced, F.gelu(attn.sr_norm(expected)), atol=1e-6)
         kv = attn.global_kv(reduced)
         probs = (packed[..., :8].reshape(2, 120, 8) @ kv[..., :8].mT * attn.scale).softmax(-1)
         assert torch.allclose(out[..., :8].reshape(2, 120, 8), probs @ kv[..., 8:], atol=1e-6)
