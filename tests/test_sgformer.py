@@ -476,6 +476,13 @@ def test_pos_embed_is_resampled_bicubically_off_224():
             0, 2, 3, 1
         )
         assert torch.equal(model._pos_embed(80, 48), expected)
+    # a 224 checkpoint loaded into a model built for 448 gets its table resampled by the filter
+    big = micro(img_size=448)
+    big.load_state_dict(checkpoint_filter_fn(model.state_dict(), big), strict=True)
+    with torch.no_grad():
+        expected = F.interpolate(table, size=(112, 112), mode="bicubic", align_corners=False)
+        assert torch.allclose(big.pos_embed, expected.flatten(2).mT, atol=1e-6)
+        assert torch.equal(big._pos_embed(112, 112).reshape(1, -1, 16), big.pos_embed)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 256), (384, 384), (320, 192)])
