@@ -29,7 +29,9 @@ def official_archs() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def from_official(arch: str, official_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def from_official(
+    arch: str, official_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]
+) -> nn.Module:
     """Our model for ``arch`` built from the official constructor kwargs, loaded strictly, in eval mode."""
     if arch not in _BUILDERS:
         raise KeyError(f"unknown backbone family {arch!r}; known: {official_archs()}")
