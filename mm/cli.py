@@ -28,13 +28,6 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 # -- subcommands ----------------------------------------------------------------------------------
 def cmd_data_shapesworld(args: argparse.Namespace) -> int:
     from data.boxes import BoxFormat
@@ -65,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from data.schema import load_llava_json
+    from data.schema import load_llava_json, write_json_atomic
 
     from .build import load_vlm
     from .evaluate import box_format_for, evaluate

@@ -32,11 +32,10 @@ def run_quickstart(
     reuse_data: bool = True,
 ) -> Path:
     from data.boxes import BoxFormat
-    from data.schema import load_llava_json
+    from data.schema import load_llava_json, write_json_atomic
     from data.shapesworld import generate
 
     from .build import load_vlm
-    from .cli import write_json_atomic
     from .evaluate import box_format_for, evaluate
     from .report import console, print_metrics, print_samples
 
