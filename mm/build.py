@@ -40,6 +40,7 @@ def build_vlm(model_cfg: ModelSection, tokenizer: Any) -> VLM:
         projector=model_cfg.projector,
         image_token_id=ensure_image_token(tokenizer),
         visual_delta=model_cfg.visual_delta,
+        loss_weighting=model_cfg.loss_weighting,
     )
     return VLM(config, llm=llm)
 

@@ -18,6 +18,7 @@ class ModelSection:
     experts: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "main", "model": "resnet18"}])
     projector: dict[str, Any] = field(default_factory=lambda: {"type": "mlp", "depth": 2})
     visual_delta: float = 1.0
+    loss_weighting: str = "token"  # "answer": each answer weighs the same, however many tokens it has
     init_from: str | None = None  # an mmstack model directory to start from (e.g. align -> sft)
 
 

@@ -32,8 +32,11 @@ class VLMConfig(PretrainedConfig):
         projector: dict | None = None,
         image_token_id: int = 0,
         visual_delta: float = 1.0,
+        loss_weighting: str = "token",
         **kwargs: Any,
     ):
+        if loss_weighting not in ("token", "answer"):
+            raise ValueError(f"loss_weighting must be 'token' or 'answer', got {loss_weighting!r}")
         if isinstance(text_config, dict):
             text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
         self.text_config = text_config
@@ -41,10 +44,34 @@ class VLMConfig(PretrainedConfig):
         self.projector = dict(projector or {"type": "mlp", "depth": 2})
         self.image_token_id = image_token_id
         self.visual_delta = float(visual_delta)
+        self.loss_weighting = loss_weighting  # "answer": every answer weighs the same in the loss
         super().__init__(**kwargs)
 
     def expert_configs(self) -> list[ExpertConfig]:
         return [ExpertConfig.from_dict(e) for e in self.experts]
+
+
+def answer_weighted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy where every answer (a run of labelled tokens) weighs the same.
+
+    The usual token mean lets long answers (captions, boxes) drown one-word answers; here each token of an
+    answer of n tokens weighs 1/n. Vectorised: run ids come from a cumulative sum over run starts.
+    """
+    targets = labels[:, 1:]
+    logits = logits[:, :-1]
+    valid = targets != -100
+    starts = valid & ~torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+    run_id = torch.cumsum(starts.flatten().long(), 0).view_as(valid) * valid  # 0 for unlabelled tokens
+    counts = torch.zeros(int(run_id.numel()) + 1, device=labels.device).scatter_add_(
+        0, run_id.flatten(), valid.flatten().float()
+    )
+    weights = torch.where(
+        valid, 1.0 / counts[run_id].clamp_min(1.0), torch.zeros_like(run_id, dtype=torch.float)
+    )
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten().clamp_min(0), reduction="none"
+    ).view_as(weights)
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-9)
 
 
 class VLM(PreTrainedModel):
@@ -158,15 +185,19 @@ class VLM(PreTrainedModel):
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask)
         inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.llm(
+        per_answer = labels is not None and self.config.loss_weighting == "answer"
+        out = self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
+            labels=None if per_answer else labels,
             past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else False,
             **kwargs,
         )
+        if per_answer:
+            out.loss = answer_weighted_loss(out.logits, labels)
+        return out
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(
