@@ -10,7 +10,8 @@ def test_each_answer_weighs_the_same():
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 5)
     labels = torch.tensor([[-100, -100, 1, 2, 3, -100, 4], [-100, 0, -100, -100, 2, 2, -100]])
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1).clamp_min(0), reduction="none")
+    targets = labels[:, 1:].reshape(-1).clamp_min(0)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 5), targets, reduction="none")
     # shifted targets: row 0 has answers of 3 and 1 tokens, row 1 answers of 1 and 2 tokens
     weights = torch.tensor([[0, 1 / 3, 1 / 3, 1 / 3, 0, 1], [1, 0, 0, 0.5, 0.5, 0]])
     expected = (ce.view(2, 6) * weights).sum() / weights.sum()
