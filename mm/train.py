@@ -220,7 +220,6 @@ class Trainer:
         processor.system_prompt = cfg.data.system_prompt
         self.processor = processor
         self.counts = apply_stage(model, t.stage, t.train_experts)
-        self.out.mkdir(parents=True, exist_ok=True)
         if t.expert_pretrain_steps and resume_from is None:
             self._pretrain_experts(model, records, train_path.parent)
         if t.gradient_checkpointing:
@@ -405,7 +404,7 @@ class Trainer:
                 micro += 1
                 state.samples += len(batch["ids"])
                 state.consumed += len(batch["ids"]) + len(batch["skipped"])
-                window_tokens += int(inputs["attention_mask"].sum())
+                window_tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
