@@ -62,6 +62,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ._stages import prune_stages
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -639,16 +640,8 @@ class BiFormer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop stages after the last wanted index (and the final norm / head when asked or now invalid)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
+        """Drop stages (and norm / head) not needed for ``indices``; returns the kept absolute indices."""
+        take_indices = prune_stages(self, indices, prune_norm, prune_head)
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from ._stages import prune_stages
 from .official import register_official
 
 __all__ = [
@@ -513,14 +514,8 @@ class CSWinTransformer(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop stages (and norm / head) not needed for ``indices``; returns the kept absolute indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        self.feature_info = self.feature_info[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
+        take_indices = prune_stages(self, indices, prune_norm, prune_head)
+        self.feature_info = self.feature_info[: len(self.stages)]
         return take_indices
 
     def forward_tokens(self, x: Tensor, index: int = -1) -> tuple[Tensor, tuple[int, int]]:

@@ -65,6 +65,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
+from ._stages import prune_stages
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -802,15 +803,8 @@ class SGFormer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
+        """Drop stages (and norm / head) not needed for ``indices``; returns the kept absolute indices."""
+        take_indices = prune_stages(self, indices, prune_norm, prune_head)
         return take_indices
 
     def forward_tokens(self, x: torch.Tensor, index: int = -1) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -1,0 +1,25 @@
+"""Helpers shared by our staged backbones (CSWin, BiFormer, SG-Former), following timm's conventions."""
+
+from __future__ import annotations
+
+from timm.models._features import feature_take_indices
+from torch import nn
+
+
+def prune_stages(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:
+    """Drop the stages after the last wanted index, and the final norm / head when asked or no longer valid.
+
+    ``model`` has ``stages``, ``norm``, ``feature_info`` and ``reset_classifier``; when the last stage goes,
+    the head's input width changes, so the head is reset and ``num_features`` follows the new last stage.
+    Returns the kept absolute stage indices.
+    """
+    take_indices, max_index = feature_take_indices(len(model.stages), indices)
+    prune_end = max_index < len(model.stages) - 1
+    model.stages = model.stages[: max_index + 1]
+    if prune_norm or prune_end:
+        model.norm = nn.Identity()
+    if prune_end:
+        model.num_features = model.head_hidden_size = model.feature_info[max_index]["num_chs"]
+    if prune_head or prune_end:
+        model.reset_classifier(0, "")
+    return take_indices
