@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from timm.models._features import feature_take_indices
-from torch import nn
+from torch import Tensor, nn
 
 
 def prune_stages(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:
@@ -23,3 +23,18 @@ def prune_stages(model: nn.Module, indices: int | list[int], prune_norm: bool, p
     if prune_head or prune_end:
         model.reset_classifier(0, "")
     return take_indices
+
+
+# Where training checkpoints keep the weights, most preferred first: released CSWin / SG-Former files are timm
+# CheckpointSaver dicts (EMA weights first), BiFormer's are {"model": ...}.
+CHECKPOINT_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict")
+
+
+def unwrap_checkpoint(checkpoint: dict) -> dict:
+    """The weights out of a (possibly nested) training checkpoint, without a DDP ``module.`` prefix."""
+    while isinstance(checkpoint, dict) and not any(isinstance(v, Tensor) for v in checkpoint.values()):
+        key = next((k for k in CHECKPOINT_CONTAINER_KEYS if isinstance(checkpoint.get(k), dict)), None)
+        if key is None:
+            break
+        checkpoint = checkpoint[key]
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}

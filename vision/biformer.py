@@ -62,7 +62,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._stages import prune_stages
+from ._stages import prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -677,7 +677,6 @@ class BiFormer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Official checkpoints and constructor arguments
 
-_CONTAINER_KEYS = ("state_dict_ema", "model", "state_dict")
 
 # official key prefix -> ours (first match wins; the order matters for attn.qkv.qkv vs attn.qkv)
 _OFFICIAL_KEY_RULES = [
@@ -700,16 +699,6 @@ _OFFICIAL_KEY_RULES = [
 ]
 
 
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, Tensor]:
-    """Strip containers (``state_dict_ema``, ``model``, ``state_dict``) and ``module.`` prefixes."""
-    while isinstance(state_dict, dict):
-        inner = next((state_dict[k] for k in _CONTAINER_KEYS if isinstance(state_dict.get(k), dict)), None)
-        if inner is None:
-            break
-        state_dict = inner
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
-
-
 def _official_to_ours(key: str) -> str:
     for pattern, replacement in _OFFICIAL_KEY_RULES:
         if pattern.match(key):
@@ -719,7 +708,7 @@ def _official_to_ours(key: str) -> str:
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
     """Official BiFormer checkpoint (or container) -> our state dict; ours pass through unchanged."""
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith("stem.") or ".blocks." in k for k in state_dict):
         return state_dict
     return {_official_to_ours(k): v for k, v in state_dict.items()}

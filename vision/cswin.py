@@ -51,7 +51,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._stages import prune_stages
+from ._stages import prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = [
@@ -553,21 +553,10 @@ class CSWinTransformer(nn.Module):
 # Official checkpoints
 
 
-_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict")
 _OFFICIAL_BLOCK = re.compile(r"^stage(\d+)\.(\d+)\.(.+)$")
 _OFFICIAL_MERGE = re.compile(r"^merge(\d+)\.(conv|norm)\.(weight|bias)$")
 _OFFICIAL_STEM = {"stage1_conv_embed.0": "stem.conv", "stage1_conv_embed.2": "stem.norm"}
 _BLOCK_PARTS = {"qkv": "attn.qkv", "proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "mlp": "mlp"}
-
-
-def _unwrap(checkpoint: dict) -> dict[str, Tensor]:
-    """Weights out of a training checkpoint (EMA first, as released) and without a DDP ``module.`` prefix."""
-    while isinstance(checkpoint, dict) and not any(isinstance(v, Tensor) for v in checkpoint.values()):
-        key = next((k for k in _CONTAINER_KEYS if isinstance(checkpoint.get(k), dict)), None)
-        if key is None:
-            break
-        checkpoint = checkpoint[key]
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
 def _is_official(state_dict: dict[str, Tensor]) -> bool:
@@ -581,7 +570,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     ``merge{i}`` -> ``stages.{i}.downsample``, and joins the two LePE convs ``attns.{0,1}.get_v`` into one
     ``attn.lepe`` (branch-0 kernels transposed, see the module docstring). Unknown keys raise ``KeyError``.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if not _is_official(state_dict):
         return state_dict
     out: dict[str, Tensor] = {}

@@ -65,7 +65,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from ._stages import prune_stages
+from ._stages import prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -853,7 +853,6 @@ def _init_module(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # official checkpoints and constructor arguments
 
-_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 # one-to-one renames (official -> ours); attention projections are packed separately
 _RENAMES: list[tuple[re.Pattern, Any]] = [
@@ -898,17 +897,6 @@ _PACKED = (
     ("f1", ("q", "lepe_linear")),  # SGA (+ kv1/kv2 stacked into seq_kv)
     ("kv", ("q", "kv", "lepe_linear")),  # stage-4 attention
 )
-
-
-def _unwrap(state_dict: dict) -> dict:
-    for key in _CONTAINER_KEYS:
-        inner = state_dict.get(key)
-        if isinstance(inner, dict):
-            state_dict = inner
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -977,7 +965,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
 def checkpoint_filter_fn(state_dict: dict, model: SGFormer | None = None) -> dict[str, torch.Tensor]:
     """Unwrap checkpoint containers (``state_dict_ema``, ``model_ema``, ``state_dict``, ``model``), remap
     official keys to ours (our own state dicts pass unchanged), resample ``pos_embed`` to the model's grid."""
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith(("patch_embed", "block")) for k in state_dict):
         state_dict = convert_official_state_dict(state_dict)
     if (
