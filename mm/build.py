@@ -27,7 +27,9 @@ def build_tokenizer(model_cfg: ModelSection, corpus: Iterable[str] | None = None
     else:
         if corpus is None:
             raise ValueError("no tokenizer configured and no training text to train one on")
-        tok = train_tokenizer(corpus, None, vocab_size=model_cfg.tokenizer_vocab_size)
+        tok = train_tokenizer(
+            corpus, None, vocab_size=model_cfg.tokenizer_vocab_size, digits=model_cfg.tokenizer_digits
+        )
     ensure_image_token(tok)
     return tok
 

@@ -15,6 +15,7 @@ class ModelSection:
     llm: dict[str, Any] = field(default_factory=lambda: {"family": "llama"})  # or {"path": local dir}
     tokenizer: str | None = None  # local dir; None: the LLM's own, or train a BPE on the training data
     tokenizer_vocab_size: int = 1024
+    tokenizer_digits: str = "single"  # trained BPE only: "single" digit tokens or "grouped" whole numbers
     experts: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "main", "model": "resnet18"}])
     projector: dict[str, Any] = field(default_factory=lambda: {"type": "mlp", "depth": 2})
     visual_delta: float = 1.0

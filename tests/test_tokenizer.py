@@ -80,6 +80,17 @@ def test_digits_are_split_individually(tok):
     assert tok.decode(tok.encode("at [100, 2024]")) == "at [100, 2024]"
 
 
+def test_grouped_digits_merge_frequent_numbers_and_stay_lossless():
+    texts = [f"Locate it. [{x}, 417, {x + 1}, 805]" for x in range(100, 300)] * 3
+    grouped = train_tokenizer(texts, None, vocab_size=600, digits="grouped")
+    assert grouped.tokenize("[417, 805]") == ["[", "417", ",", "Ġ805", "]"]
+    assert grouped.decode(grouped.encode("at [100, 2024]")) == "at [100, 2024]"
+    single = train_tokenizer(texts, None, vocab_size=600)
+    assert single.tokenize("[417, 805]") == ["[", "4", "1", "7", ",", "Ġ", "8", "0", "5", "]"]
+    with pytest.raises(ValueError, match="digits must be one of"):
+        train_tokenizer(texts, None, vocab_size=600, digits="pairs")
+
+
 def test_merges_are_learned(tok):
     assert tok.tokenize(" triangle") == ["Ġtriangle"] and tok.tokenize(" circle") == ["Ġcircle"]
 
