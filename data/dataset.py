@@ -93,14 +93,24 @@ class ConversationDataset(Dataset):
 class Collator:
     """Drops samples whose media failed (reported under ``skipped``) and pads the rest."""
 
-    def __init__(self, processor: VLMProcessor, padding_side: str = "right"):
+    def __init__(
+        self,
+        processor: VLMProcessor,
+        padding_side: str = "right",
+        split_branches: bool = False,
+        branch_groups: int = 2,
+    ):
         self.processor = processor
         self.padding_side = padding_side
+        self.split_branches = split_branches  # branched records as prefix + branch rows (VLMProcessor)
+        self.branch_groups = branch_groups
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [s for s in samples if "error" not in s]
         bad = [{"id": s["id"], "index": s["index"], "reason": s["error"]} for s in samples if "error" in s]
         batch = self.processor.collate(good, padding_side=self.padding_side) if good else {}
+        if good and self.split_branches:
+            batch = self.processor.split_branches(batch, self.branch_groups)
         batch["skipped"] = bad
         batch["ids"] = [s["id"] for s in good]
         return batch

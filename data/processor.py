@@ -24,6 +24,17 @@ PROCESSOR_FILE = "mm_processor.json"
 ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
 
 
+def _pad_rows(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
+    """Right-pad (ids, labels) pairs into ``[N, L]`` ids, attention mask and labels."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (i, lab) in enumerate(rows):
+        ids[row, : len(i)], labels[row, : len(i)], mask[row, : len(i)] = i, lab, 1
+    return ids, mask, labels
+
+
 class VLMProcessor:
     """Tokenizer + per-expert image transforms + placeholder expansion + collation."""
 
@@ -212,6 +223,59 @@ class VLMProcessor:
         if segments is not None:
             batch["segment_ids"] = segments
         return batch
+
+    def split_branches(self, batch: dict[str, Any], groups: int = 2) -> dict[str, Any]:
+        """A packed branched batch (``segment_ids``) -> prefix rows + branch rows, for ``VLM.forward``.
+
+        Each record's prefix (segment 0) stays a row of ``input_ids``; every branch (segment k >= 1) becomes a
+        row of ``branch_input_ids`` with ``branch_owner`` naming its record. The model runs the prefixes once,
+        copies their keys/values to each branch (a KV cache) and runs the branches as short rows: attention
+        costs prefix x branch instead of the packed row's length squared, and no 4-D mask is needed. The
+        result is the same as the packed mask (tested). ``labels`` becomes None when no prefix token is
+        labelled (the usual case), so the model skips the prefix's LM head. Branch rows are sorted by length
+        and cut into ``groups`` runs of about equal count, each padded only to its own longest row
+        (``branch_groups``: ``(start, end, length)``), since short answers and boxes differ ~2x in length.
+        Host-side work, in the collator.
+        """
+        if "segment_ids" not in batch:
+            return batch
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        prefixes, branches, owners = [], [], []
+        for row in range(batch["input_ids"].shape[0]):
+            valid = batch["attention_mask"][row].bool()
+            ids, labels = batch["input_ids"][row][valid], batch["labels"][row][valid]
+            segments = batch["segment_ids"][row][valid].tolist()
+            n_prefix = next((i for i, seg in enumerate(segments) if seg != 0), len(segments))
+            if 0 in segments[n_prefix:]:
+                raise ValueError(f"row {row}: segment 0 (the shared prefix) must come first")
+            prefixes.append((ids[:n_prefix], labels[:n_prefix]))
+            start = n_prefix
+            while start < len(segments):
+                end = start
+                while end < len(segments) and segments[end] == segments[start]:
+                    end += 1
+                if labels[start] != IGNORE_INDEX:
+                    raise ValueError(f"row {row}: a branch cannot begin with a labelled token")
+                branches.append((ids[start:end], labels[start:end]))
+                owners.append(row)
+                start = end
+        packed = ("input_ids", "attention_mask", "labels", "segment_ids")
+        out = {k: v for k, v in batch.items() if k not in packed}
+        out["input_ids"], out["attention_mask"], out["labels"] = _pad_rows(prefixes, pad_id)
+        if bool((out["labels"] == IGNORE_INDEX).all()):
+            out["labels"] = None
+        if branches:
+            order = sorted(range(len(branches)), key=lambda i: len(branches[i][0]))
+            ids, mask, labels = _pad_rows([branches[i] for i in order], pad_id)
+            out.update(branch_input_ids=ids, branch_attention_mask=mask, branch_labels=labels)
+            out["branch_owner"] = torch.tensor([owners[i] for i in order], dtype=torch.long)
+            cuts = sorted({round(len(order) * g / max(1, groups)) for g in range(max(1, groups) + 1)})
+            out["branch_groups"] = [
+                (start, end, len(branches[order[end - 1]][0]))
+                for start, end in zip(cuts, cuts[1:])
+                if end > start
+            ]
+        return out
 
     # -- persistence ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

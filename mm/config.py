@@ -32,8 +32,15 @@ class DataSection:
     cache_pixels: bool = False
     blind: bool = False  # replace every image by a black one: the no-vision baseline
     branch_turns: bool = False  # train multi-turn one-image records as single-turn branches on one prefix
+    # how branches are batched: "split" (prefix rows + short branch rows sharing the prefix's KV cache) or
+    # "packed" (one row per record with a 4-D segment mask); same loss and gradients, split is much cheaper
+    branch_layout: str = "split"
     num_workers: int = 0
     val_max_records: int = 256
+
+    def __post_init__(self) -> None:
+        if self.branch_layout not in ("split", "packed"):
+            raise ValueError(f"data.branch_layout must be 'split' or 'packed', got {self.branch_layout!r}")
 
 
 @dataclass

@@ -167,9 +167,25 @@ class JsonlLog:
             self.tb.close()
 
 
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "segment_ids",
+    "branch_input_ids",
+    "branch_attention_mask",
+    "branch_labels",
+    "branch_owner",
+)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    keys = [k for k in ("input_ids", "attention_mask", "labels", "segment_ids") if k in batch]
-    out = {k: batch[k].to(device, non_blocking=True) for k in keys}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+    out = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    if "branch_groups" in batch:
+        out["branch_groups"] = batch["branch_groups"]  # python ints
+    if "labels" in batch and batch["labels"] is None:
+        out["labels"] = None  # split branches: no labelled prefix token
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
     return out
@@ -251,7 +267,10 @@ class Trainer:
         self.sampler = ResumableSampler(
             len(self.train_set), seed=t.seed, rank=acc.process_index, world_size=acc.num_processes
         )
-        self.collate = Collator(processor)
+        # Branched records train as prefix + branch rows (cheap attention), unless gradient checkpointing is
+        # on: HF's checkpointed layers drop the KV cache that the split layout relies on.
+        split = cfg.data.branch_turns and cfg.data.branch_layout == "split" and not t.gradient_checkpointing
+        self.collate = Collator(processor, split_branches=split)
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available()
         )
@@ -405,6 +424,8 @@ class Trainer:
                 state.samples += len(batch["ids"])
                 state.consumed += len(batch["ids"]) + len(batch["skipped"])
                 window_tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
+                if "branch_attention_mask" in batch:
+                    window_tokens += int(batch["branch_attention_mask"].sum())
                 if not acc.sync_gradients:
                     continue
                 state.step += 1

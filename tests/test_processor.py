@@ -212,6 +212,78 @@ def test_branches_give_the_logits_of_single_turn_conversations(delta):
     assert (leaky[segs == 3] - packed_logits[segs == 3]).abs().max().item() > 1e-3
 
 
+TWO_TURNS = [{"from": "human", "value": "<image>\nDescribe the image."}, *THREE_TURNS[3:]]
+
+
+def _branched_batch(proc):
+    """Two branched records (3 and 2 branches, different images) and one single-turn record."""
+    red, blue = solid_image((255, 0, 0), (80, 60)), solid_image((0, 0, 255), (50, 70))
+    feats = [
+        {**proc.tokenize_branched(THREE_TURNS, 1), "pixel_values": proc.pixels([red])},
+        {**proc.tokenize_branched(TWO_TURNS, 1), "pixel_values": proc.pixels([blue])},
+        {**proc.tokenize_branched(THREE_TURNS[:2], 1), "pixel_values": proc.pixels([blue])},
+    ]
+    return proc.collate(feats)
+
+
+def test_split_branches_layout(tiny_processor):
+    proc = tiny_processor
+    packed = _branched_batch(proc)
+    split = proc.split_branches(packed)
+    assert "segment_ids" not in split
+    assert sorted(split["branch_owner"].tolist()) == [0, 0, 0, 1, 1]
+    lengths = split["branch_attention_mask"].sum(1).tolist()
+    assert lengths == sorted(lengths)  # sorted by length, cut into groups padded to their own longest row
+    groups = split["branch_groups"]
+    assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == 5
+    assert all(g[2] == max(lengths[g[0] : g[1]]) for g in groups) and len(groups) == 2
+    segs, mask = packed["segment_ids"], packed["attention_mask"].bool()
+    for row in range(3):  # each prefix row is the record's segment 0, right-padded
+        prefix = packed["input_ids"][row][mask[row] & (segs[row] == 0)]
+        assert split["input_ids"][row][: len(prefix)].tolist() == prefix.tolist()
+        assert int(split["attention_mask"][row].sum()) == len(prefix)
+    branch = packed["input_ids"][0][segs[0] == 2]  # record 0's second branch, labels included
+    ids, owner = split["branch_input_ids"], split["branch_owner"]
+    rows = [r for r in range(5) if owner[r] == 0 and ids[r][: len(branch)].tolist() == branch.tolist()]
+    assert len(rows) == 1 and lengths[rows[0]] == len(branch)
+    expected_labels = packed["labels"][0][segs[0] == 2].tolist()
+    assert split["branch_labels"][rows[0]][: len(branch)].tolist() == expected_labels
+    # the single-turn record's answer lives in its prefix, so prefix labels are kept
+    assert split["labels"] is not None and (split["labels"][2] != IGNORE_INDEX).any()
+    only_branched = proc.split_branches(proc.collate([proc.tokenize_branched(THREE_TURNS, 1)]))
+    assert only_branched["labels"] is None
+    assert proc.split_branches({"input_ids": packed["input_ids"]}) == {"input_ids": packed["input_ids"]}
+
+
+def test_split_branches_rejects_a_labelled_branch_start(tiny_processor):
+    batch = tiny_processor.collate([tiny_processor.tokenize_branched(THREE_TURNS, 1)])
+    first_branch = int((batch["segment_ids"][0] == 0).sum())
+    batch["labels"][0, first_branch] = 5
+    with pytest.raises(ValueError, match="row 0: a branch cannot begin with a labelled token"):
+        tiny_processor.split_branches(batch)
+
+
+@pytest.mark.parametrize("weighting", ["token", "answer"])
+def test_split_branches_train_exactly_like_the_packed_mask(weighting):
+    """Same loss and same gradients as the packed 4-D mask: the split layout is only a faster schedule."""
+    model, proc = build_tiny(seed=2)
+    model.config.loss_weighting = weighting
+    model.train()
+    packed = _branched_batch(proc)
+    losses, grads = [], []
+    for batch in (packed, proc.split_branches(packed, groups=1), proc.split_branches(packed, groups=3)):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for split in (1, 2):
+        assert torch.allclose(losses[0], losses[split], atol=1e-5), losses
+        assert grads[0].keys() == grads[split].keys() and any("experts" in n for n in grads[0])
+        for name, g in grads[0].items():
+            assert torch.allclose(g, grads[split][name], atol=1e-5, rtol=1e-4), name
+
+
 def test_processor_settings_roundtrip(tmp_path, tiny_model, tiny_processor):
     from data.processor import VLMProcessor
 
