@@ -110,3 +110,37 @@ def test_unknown_model_directory_is_a_clean_error(tmp_path):
     result = mm("eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "test.json"))
     assert result.returncode == 2
     assert "mm eval: error:" in result.stderr and "nope" in result.stderr
+
+
+def test_packaged_recipes_build_valid_configs():
+    from mm.config import config_from_dict
+    from mm.quickstart import recipe
+
+    for name, pool in (("quickstart", 2), ("quickstart_full", 1)):
+        spec = recipe(name)
+        assert spec.pop("shapesworld")["image_size"] >= 96
+        cfg = config_from_dict(spec)
+        assert cfg.model.projector["pool"] == pool and cfg.data.branch_turns
+    full = config_from_dict({k: v for k, v in recipe("quickstart_full").items() if k != "shapesworld"})
+    assert full.train.max_steps == 2500 and full.model.loss_weighting == "token"
+
+
+def test_recipe_from_a_yaml_file_and_unknown_names(tmp_path):
+    from mm.quickstart import recipe
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("shapesworld: {n: 12}\ntrain: {max_steps: 1}\n")
+    assert recipe(str(path)) == {"shapesworld": {"n": 12}, "train": {"max_steps": 1}}
+    with pytest.raises(ValueError, match=r"unknown recipe 'nope'.*quickstart_full"):
+        recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {max_steps: 1}\n")
+    with pytest.raises(ValueError, match="must be a mapping with a 'shapesworld' section"):
+        recipe(str(bad))
+
+
+def test_quickstart_with_an_unknown_recipe_exits_2(tmp_path):
+    result = mm("quickstart", "--out", str(tmp_path / "qs"), "--recipe", "nope")
+    assert result.returncode == 2
+    assert "mm quickstart: error: unknown recipe 'nope'" in result.stderr
+    assert not (tmp_path / "qs").exists()
