@@ -14,7 +14,9 @@ is a single full-attention branch whose LePE is a 3x3 conv over the whole map.
 
 How this implementation differs from the official code (same numbers, different route):
 
-* Tokens stay ``[B, H, W, C]`` (channels last) from stem to head; H and W are read at run time.
+* Tokens stay ``[B, H, W, C]`` (channels last) from stem to head; H and W are read at run time. Inside a
+  stage the blocks pass them on as rows ``[B * H * W, C]`` with the size alongside, so every Linear runs as
+  one ``addmm`` without reshapes around it (eager training at small sizes is bound by per-op CPU overhead).
 * Vertical stripes are handled as horizontal stripes of the transposed map, so both branches have the same
   ``[B * n_stripes, split * side, C/2]`` geometry on square maps and run as the two head groups of **one**
   ``scaled_dot_product_attention`` call and **one** depthwise LePE conv (non-square maps: one call per
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -63,34 +65,11 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stripe layout helpers (pure views; the caller decides when to copy)
+# Padding masks
 
 
 def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _vertical_to_stripes(t: Tensor, split: int) -> Tensor:
-    """``[B, Hp, Wp, 3, C']`` -> ``[3, B, Wp/split, split, Hp, C']``: vertical stripes, map transposed."""
-    b, hp, wp, three, c = t.shape
-    return t.view(b, hp, wp // split, split, three, c).permute(4, 0, 2, 3, 1, 5)
-
-
-def _horizontal_to_stripes(t: Tensor, split: int) -> Tensor:
-    """``[B, Hp, Wp, 3, C']`` -> ``[3, B, Hp/split, split, Wp, C']``: horizontal stripes."""
-    b, hp, wp, three, c = t.shape
-    return t.view(b, hp // split, split, wp, three, c).permute(4, 0, 1, 2, 3, 5)
-
-
-def _vertical_from_stripes(y: Tensor) -> Tensor:
-    """Inverse of ``_vertical_to_stripes`` (one tensor): ``[B, nS, split, Hp, C']`` -> ``[B, Hp, Wp, C']``."""
-    b, ns, split, hp, c = y.shape
-    return y.permute(0, 3, 1, 2, 4).reshape(b, hp, ns * split, c)
-
-
-def _horizontal_from_stripes(y: Tensor) -> Tensor:
-    b, ns, split, wp, c = y.shape
-    return y.reshape(b, ns * split, wp, c)
 
 
 def _stripe_validity(
@@ -195,61 +174,65 @@ class CSWinAttention(nn.Module):
         attn = F.dropout(attn.softmax(dim=-1), drop, self.training)
         return attn @ v
 
-    def _lepe(self, v_img: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Depthwise 3x3 conv on a channels-last ``[B', h, w, C]`` map (zero padded at its border)."""
-        out = F.conv2d(v_img.permute(0, 3, 1, 2), weight, bias, padding=1, groups=v_img.shape[-1])
-        return out.permute(0, 2, 3, 1)
+    def _attend_with_lepe(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int], weight, bias, mask):
+        """``[B', N, h, d]`` q, k, v of ``hw = (rows, cols)`` maps (tokens row-major) -> ``[B', N, h, d]``:
+        attention plus LePE, a depthwise 3x3 conv of ``v`` zero padded at the map border.
 
-    def _stripe_attention(
-        self, stripes: Tensor, heads: int, weight: Tensor, bias: Tensor | None, mask: Tensor | None
-    ) -> Tensor:
-        """``[3, B, nS, split, L, C]`` (contiguous) -> ``[B, nS, split, L, C]``: attention + stripe LePE."""
-        _, b, ns, split, length, c = stripes.shape
-        n = split * length
-        q, k, v = stripes.view(3, b * ns, n, heads, c // heads).unbind(0)  # [B', N, h, d] views
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        out = out.transpose(1, 2).reshape(b, ns, split, length, c)
-        lepe = self._lepe(v.view(b * ns, split, length, c), weight, bias)
-        return out + lepe.reshape(b, ns, split, length, c)
+        Callers unbind q, k, v from one tensor along a dim before ``N``, so the backward stack of their
+        gradients lands in that tensor's layout without a further copy; ``v``'s channels are contiguous, so
+        the conv reads it through an NCHW (channels-last) view.
+        """
+        bs, n, heads, d = v.shape
+        c = heads * d
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+        lepe = F.conv2d(v.reshape(bs, *hw, c).permute(0, 3, 1, 2), weight, bias, padding=1, groups=c)
+        return out + lepe.permute(0, 2, 3, 1).reshape(bs, n, heads, d)
 
-    def _full(self, qkv: Tensor) -> Tensor:
-        b, h, w, _ = qkv.shape
+    def _full(self, qkv: Tensor, b: int, h: int, w: int) -> Tensor:
         heads, c = self.heads_per_branch, self.dim
-        q, k, v = qkv.view(b, h * w, 3, heads, c // heads).unbind(2)  # [B, N, h, d] views
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return out + self._lepe(v.reshape(b, h, w, c), self.lepe.weight, self.lepe.bias)
+        q, k, v = qkv.view(b, h * w, 3, heads, c // heads).unbind(2)
+        return self._attend_with_lepe(q, k, v, (h, w), self.lepe.weight, self.lepe.bias, None).reshape(-1, c)
 
-    def _cross(self, qkv: Tensor) -> Tensor:
-        b, h, w, _ = qkv.shape
-        split, heads, half = self.split_size, self.heads_per_branch, self.dim // 2
+    def _cross(self, qkv: Tensor, b: int, h: int, w: int) -> Tensor:
+        split, heads, c, half = self.split_size, self.heads_per_branch, self.dim, self.dim // 2
         hp, wp = _ceil_to(h, split), _ceil_to(w, split)
         padded = (hp, wp) != (h, w)
         if padded:  # zeros after the projection: padded v is 0, like the LePE border; keys masked below
-            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))
-        # unbind (not indexing): its backward is one stack, where each index would zero-fill a full gradient
-        part0, part1 = qkv.view(b, hp, wp, 3, 2, half).unbind(4)
-        vertical, horizontal = _vertical_to_stripes(part0, split), _horizontal_to_stripes(part1, split)
+            qkv = F.pad(qkv.view(b, h, w, 3 * c), (0, 0, 0, wp - w, 0, hp - h))
         fused = self.fuse_branches and hp == wp
         masks = _key_mask(b, h, w, split, heads, fused, qkv.dtype, qkv.device) if padded else (None, None)
         weight, bias = self.lepe.weight, self.lepe.bias
-        if fused:
-            # One copy into [3, B, nS, split, S, 2 * C']: the branches become two head groups.
-            stripes = torch.stack([vertical, horizontal], dim=-2).flatten(-2)
-            y = self._stripe_attention(stripes, 2 * heads, weight, bias, masks[0])
-            y0, y1 = y.unflatten(-1, (2, half)).unbind(-2)
+        # unbind, not indexing: its backward is one stack, where each index would zero-fill a gradient
+        part0, part1 = qkv.view(b, hp, wp, 3, 2, half).unbind(4)
+        # [3, B, Wp, Hp, C'] (transposed map) and [3, B, Hp, Wp, C']: stripes are `split` rows of either map
+        vertical, horizontal = part0.permute(3, 0, 2, 1, 4), part1.permute(3, 0, 1, 2, 4)
+        d = half // heads
+        if fused:  # one copy (stack) puts the branches side by side as two head groups of one SDPA call
+            stripes = torch.stack([vertical, horizontal], dim=-2).view(3, -1, split * hp, 2 * heads, d)
+            y = self._attend_with_lepe(*stripes.unbind(0), (split, hp), weight, bias, masks[0])
+            y0, y1 = y.reshape(b, wp, hp, c).split(half, dim=-1)  # square: either half is [B, Wp, Hp, C']
         else:
             b0, b1 = (None, None) if bias is None else (bias[:half], bias[half:])
-            y0 = self._stripe_attention(vertical.contiguous(), heads, weight[:half], b0, masks[0])
-            y1 = self._stripe_attention(horizontal.contiguous(), heads, weight[half:], b1, masks[1])
-        y0, y1 = _vertical_from_stripes(y0), _horizontal_from_stripes(y1)
+            vertical = vertical.reshape(3, -1, split * hp, heads, d).unbind(0)
+            horizontal = horizontal.reshape(3, -1, split * wp, heads, d).unbind(0)
+            y0 = self._attend_with_lepe(*vertical, (split, hp), weight[:half], b0, masks[0])
+            y1 = self._attend_with_lepe(*horizontal, (split, wp), weight[half:], b1, masks[1])
+            y0, y1 = y0.reshape(b, wp, hp, half), y1.reshape(b, hp, wp, half)
+        y0 = y0.transpose(1, 2)  # back from the transposed map
         if padded:
             y0, y1 = y0[:, :h, :w], y1[:, :h, :w]
-        return torch.cat([y0, y1], dim=-1)
+        # cat of 4-D (strided) inputs: a single CUDA kernel (stack / cat of more dims copy input by input);
+        # split above makes its backward such a cat as well
+        return torch.cat([y0, y1], dim=-1).view(-1, c)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
+        """``x``: a map ``[B, H, W, C]``, or its tokens as rows ``[B * H * W, C]`` with ``size = (B, H, W)``
+        (how blocks call it: Linear on 2-D input needs no reshapes); the output has the layout of ``x``."""
+        if size is None:
+            b, h, w, c = x.shape
+            return self.forward(x.reshape(-1, c), (b, h, w)).view(b, h, w, c)
         qkv = self.qkv(x)
-        out = self._full(qkv) if self.full_attention else self._cross(qkv)
+        out = self._full(qkv, *size) if self.full_attention else self._cross(qkv, *size)
         return self.proj_drop(self.proj(out))
 
 
@@ -279,9 +262,21 @@ class CSWinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+    @staticmethod
+    def _residual(x: Tensor, y: Tensor, drop_path: nn.Module, batch: int) -> Tensor:
+        """``x + drop_path(y)`` on token rows; drop path drops whole samples, so it sees ``[B, N, C]``."""
+        if isinstance(drop_path, nn.Identity):
+            return x + y
+        return x + drop_path(y.view(batch, -1, y.shape[-1])).view_as(y)
+
+    def forward(self, x: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
+        """``x``: ``[B, H, W, C]``, or token rows ``[B * H * W, C]`` with ``size = (B, H, W)`` (as stages call
+        it, saving the reshapes around every Linear); the output has the layout of ``x``."""
+        if size is None:
+            b, h, w, c = x.shape
+            return self.forward(x.reshape(-1, c), (b, h, w)).view(b, h, w, c)
+        x = self._residual(x, self.attn(self.norm1(x), size), self.drop_path1, size[0])
+        return self._residual(x, self.mlp(self.norm2(x)), self.drop_path2, size[0])
 
 
 class ConvStem(nn.Module):
@@ -342,9 +337,14 @@ class CSWinStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        b, h, w, c = x.shape
+        x = x.reshape(-1, c)  # blocks pass token rows [B * H * W, C] along
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, (b, h, w))
+            else:
+                x = block(x, (b, h, w))
+        return x.view(b, h, w, c)
 
 
 class CSWinTransformer(nn.Module):
