@@ -41,12 +41,17 @@ Other deliberate differences:
   run officially (HSA splits heads in halves, 1 // 2 = 0; depth 3 leaks a map). We build and load it; a
   forward raises ValueError naming the odd head count.
 
-Efficiency: all projections reading the same input are one GEMM (``in_proj``: q/kv plus ``lepe_linear``);
+Efficiency (the step is bound by the number of small ops, so each layer is written for few aten ops and
+copies): all projections reading the same input are one GEMM (``in_proj``: q/kv plus ``lepe_linear``), split
+with ``split`` (backward: one cat) and k/v taken with ``unbind`` (backward: one stack, straight into place);
 attention runs through ``F.scaled_dot_product_attention`` (significance from a no-grad recomputation of the
-probabilities, cheap with <= 49 keys); windows are formed with one copy of the packed q/k/v slab; sorted
-tokens are gathered once for both sequences (custom backward: gather through the inverse permutation, no
-atomics) and each run of sorted tokens is merged by one batched GEMV per part (plan cached per size);
-activations stay channels-last (B, H, W, C) end to end, GroupNorm(1, C) included.
+probabilities, cheap with <= 49 keys); windows are formed with one copy of the packed q/k/v slab, and both
+HSA halves return to the map with one stack; attention outputs join the lepe term in one out-of-place add
+(in-place adds into slices cost CopySlices copies in the backward); sorted tokens are gathered once for both
+sequences (index from one sort and one gather through a cached table; custom backward: gather through the
+inverse permutation, no atomics) and merged by one GEMM with the (T, N) merge matrix built from the f weights
+(per-part GEMVs for large inputs); GroupNorm(1, C) has a hand-derived backward; activations stay
+channels-last (B, H, W, C) end to end. Index plans are cached per size.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_o
 WINDOW = 7
 # Group lengths of the released merge weights f1, f2, f3 per spatial-reduction ratio.
 MERGE_GROUPS: dict[int, tuple[int, ...]] = {8: (196, 56, 28), 4: (49, 14, 7), 2: (2, 1)}
+# SGA merges into at most this many tokens run as one GEMM with an explicit (T, N) matrix (T MACs per merged
+# element: cheap while T is small, e.g. 60 / 60 / 147 at 224 px); beyond it, per-part GEMVs (linear in N).
+DENSE_MERGE_MAX_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,21 +101,50 @@ def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None = Non
     return out.permute(0, 2, 3, 1)
 
 
-def _group_norm1_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm(1, C) on (B, H, W, C). Statistics come from reductions that parallelise over the whole map
-    (layer_norm / group_norm kernels give each image one thread block) and accumulate in fp32; one fused
-    multiply-add then applies them in the input dtype."""
-    with torch.autocast(x.device.type, enabled=False):
+class _GroupNorm1Fn(torch.autograd.Function):
+    """GroupNorm(1, C) on (B, H, W, C) with a hand-derived backward (~15 ops instead of autograd's ~35, ~60
+    in 16-bit, through the moment reductions). Statistics come from reductions that parallelise over the whole
+    map (layer_norm / group_norm kernels give each image one thread block) and accumulate in fp32; one fused
+    multiply-add applies them in the input dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         dims = (1, 2, 3)
         if x.dtype in (torch.float32, torch.float64):
             var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
         else:  # 16-bit input: fp32 moments without an fp32 copy of x
             mean = x.mean(dims, keepdim=True, dtype=torch.float32)
             norm = torch.linalg.vector_norm(x, 2, dims, keepdim=True, dtype=torch.float32)
-            var = (norm.square() / (x.numel() // x.shape[0]) - mean.square()).clamp(min=0)
-        scale = torch.rsqrt(var + eps) * weight.to(var.dtype)
-        shift = bias.to(var.dtype) - mean * scale
+            var = torch.addcmul(norm.square_().div_(x[0].numel()), mean, mean, value=-1).clamp_(min=0)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd * weight.to(var.dtype)
+        shift = torch.addcmul(bias.to(var.dtype), mean, scale, value=-1)
+        ctx.save_for_backward(x, weight, mean, rstd)
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # dx = rstd * (g w - mean(g w) - xhat mean(g w xhat)), means over one image's H*W*C; as
+        # g * a + x * beta + c with per-image/channel coefficients from two per-(image, channel) sums.
+        x, weight, mean, rstd = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            acc = mean.dtype
+            n = x[0].numel()
+            mean, rstd = mean.view(-1), rstd.view(-1)
+            g_sum = grad.sum((1, 2), dtype=acc)  # (B, C)
+            g_x = (grad * x).sum((1, 2), dtype=acc)
+            g_xc = torch.addcmul(g_x, mean[:, None], g_sum, value=-1)  # sum of g * (x - mean)
+            w = weight.to(acc)
+            # u = -rstd / n * (sum of g w, sum of g w (x - mean)) per image
+            u = (torch.stack((g_sum, g_xc)) @ w).mul_(rstd * (-1 / n))
+            beta = u[1].mul_(rstd * rstd)
+            c = torch.addcmul(u[0], beta, mean, value=-1)
+            a = rstd[:, None] * w
+            B, C = g_sum.shape
+            dx = torch.addcmul(c.view(B, 1, 1, 1), x, beta.view(B, 1, 1, 1))
+            dx = torch.addcmul(dx, grad, a.view(B, 1, 1, C)).to(x.dtype)
+            grad_w = (g_xc.t() @ rstd).to(weight.dtype)
+            return dx, grad_w, g_sum.sum(0).to(weight.dtype), None
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -180,6 +217,31 @@ def _merge_plan(num_tokens: int, groups: tuple[int, ...], device: torch.device, 
             resample = overlap.clamp(min=0).to(dtype)
         plan.append((cuts[p], full, rest, resample))
     return tuple(plan)
+
+
+@_cached
+def _dense_merge_plan(num_tokens: int, groups: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    """The merge of :func:`_merge_plan` as constants for one GEMM: ``taps`` (N + T, G + P) maps the
+    concatenated [f weights (G = sum of groups) | f biases (P)] to [the weight of every sorted position | the
+    bias of every merged token]; ``flat`` (N,) is where position j's weight sits in the flattened (T, N)
+    merge matrix."""
+    parts = _merge_plan(num_tokens, groups, device, dtype)
+    n, num_groups, tap, token = num_tokens, sum(groups), 0, 0
+    rows_total = n + sum(full + (rest > 0) for _, full, rest, _ in parts)
+    taps = torch.zeros(rows_total, num_groups + len(groups), dtype=torch.float64)  # exact for any dtype
+    rows = torch.empty(n, dtype=torch.long)
+    for p, ((start, full, rest, resample), g) in enumerate(zip(parts, groups)):
+        run = torch.arange(full * g)
+        taps[start + run, tap + run % g] = 1
+        rows[start : start + full * g] = token + run // g
+        if rest:
+            taps[start + full * g : start + full * g + rest, tap : tap + g] = resample.cpu().to(taps.dtype)
+            rows[start + full * g : start + full * g + rest] = token + full
+        count = full + (rest > 0)
+        taps[n + token : n + token + count, num_groups + p] = 1
+        tap, token = tap + g, token + count
+    flat = rows * n + torch.arange(n)
+    return taps.to(device, dtype), flat.to(device)
 
 
 class _GatherPermutations(torch.autograd.Function):
@@ -260,9 +322,14 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(count, out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (count, M, in) -> (count, M, out)
+        return self.forward_transposed(x).transpose(1, 2)
+
+    def forward_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """(count, M, in) -> (count, out, M). Computed as W @ x^T, so the weight gradient comes out in the
+        weight's own layout (x @ W^T would hand AccumulateGrad a transposed gradient to copy)."""
         if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+            return torch.bmm(self.weight, x.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, x.transpose(1, 2))
 
 
 class GroupNorm1(nn.Module):
@@ -275,7 +342,8 @@ class GroupNorm1(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _group_norm1_nhwc(x, self.weight, self.bias, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return _GroupNorm1Fn.apply(x, self.weight, self.bias, self.eps)
 
 
 class ConvNorm(nn.Module):
@@ -338,7 +406,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(_conv_nhwc(h, self.dwconv, self.dwconv.bias).add_(h))
+        h = F.gelu(_conv_nhwc(h, self.dwconv, self.dwconv.bias) + h)  # out of place: no CopySlices backward
         return self.drop(self.fc2(self.drop(h)))
 
 
@@ -360,13 +428,12 @@ class _AttentionBase(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def _lepe(self, lepe_in: torch.Tensor) -> torch.Tensor:
-        """Depthwise 3x3 conv of the packed ``lepe_linear`` output; a fresh (B, H, W, C) buffer that the
-        attention outputs are then added into in place."""
-        return _conv_nhwc(lepe_in, self.lepe_conv, self.lepe_conv.bias).contiguous()
-
-    def _finish(self, lepe_plus_attn: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.proj(lepe_plus_attn))
+    def _finish(self, lepe_in: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """proj(lepe_conv(lepe_in) + attn); ``attn`` is the (B, H, W, C) map or a (B, N, heads, d) view of it
+        (any strides). One out-of-place add: adding into slices of the lepe buffer in place costs autograd
+        CopySlices copies in the backward, and reshaping ``attn`` first could cost a copy."""
+        lepe = _conv_nhwc(lepe_in, self.lepe_conv, self.lepe_conv.bias)
+        return self.proj_drop(self.proj((lepe.reshape(attn.shape) + attn).reshape(lepe.shape)))
 
     @property
     def _dropout_p(self) -> float:
@@ -397,38 +464,42 @@ class HybridScaleAttention(_AttentionBase):
                 f"num_heads, got {self.num_heads} (the official default SGFormer() has this problem too)"
             )
         heads, d, half, n = self.num_heads // 2, self.head_dim, C // 2, H * W
-        packed = self.in_proj(x)
-        lepe = self._lepe(packed[..., 2 * C :])
+        # split, not slicing: the backward joins the three gradients with one cat
+        q1, qkv2, lepe_in = self.in_proj(x).split((half, 3 * half, C), -1)
 
         # global branch: queries are a strided view of `packed`, keys come from the sr-reduced map
-        q1 = packed[..., :half].reshape(B, n, heads, d).transpose(1, 2)
+        q1 = q1.reshape(B, n, heads, d).transpose(1, 2)
         reduced, (hg, wg) = self._reduce(x)
-        kv1 = self.global_kv(reduced).view(B, hg * wg, 2, heads, d).permute(2, 0, 3, 1, 4)
-        x1, p1 = _attention(q1, kv1[0], kv1[1], self.scale, self.fused_attn, self._dropout_p, with_probs=True)
-        lepe[..., :half].view(B, n, heads, d).add_(x1.transpose(1, 2))
+        # unbind where k and v sit side by side: the backward stacks their gradients straight into place
+        k1, v1 = (t.transpose(1, 2) for t in self.global_kv(reduced).view(B, hg * wg, 2, heads, d).unbind(2))
+        x1, p1 = _attention(q1, k1, v1, self.scale, self.fused_attn, self._dropout_p, with_probs=True)
         global_sig = _mean_heads_then_queries(p1, head_dim=1).view(B, hg, 1, wg, 1)
-        s = self.sr_ratio
-        global_sig = global_sig.expand(B, hg, s, wg, s).reshape(B, hg * s, wg * s)[:, :H, :W]
 
         # local branch: one copy forms the windows of q2, k2, v2
-        qkv2 = _window_partition(packed[..., half : 2 * C], WINDOW, 3, heads)  # (3, B, nW*heads, L, d)
+        q2, k2, v2 = _window_partition(qkv2, WINDOW, 3, heads).unbind(0)  # (B, nW*heads, L, d) each
         plan = _window_plan(H, W, WINDOW, heads, x.device)
         key_mask = plan[0] if plan is not None else None
-        x2, p2 = _attention(*qkv2, self.scale, self.fused_attn, self._dropout_p, key_mask, with_probs=True)
+        x2, p2 = _attention(q2, k2, v2, self.scale, self.fused_attn, self._dropout_p, key_mask, True)
         hp, wp = -(-H // WINDOW) * WINDOW, -(-W // WINDOW) * WINDOW
         nh, nw, L = hp // WINDOW, wp // WINDOW, WINDOW * WINDOW
         p2 = p2.view(B, nh * nw, heads, L, L)
-        if plan is None:
-            lepe[..., half:].view(B, nh, WINDOW, nw, WINDOW, heads, d).add_(
-                x2.view(B, nh, nw, heads, WINDOW, WINDOW, d).permute(0, 1, 4, 2, 5, 3, 6)
-            )
+        x2 = x2.view(B, nh, nw, heads, WINDOW, WINDOW, d).permute(0, 1, 4, 2, 5, 3, 6)  # (B,nh,7,nw,7,h,d)
+        if plan is None:  # both halves as (B, nh, 7, nw, 7, heads, d) views: one stack makes the map
+            x1 = x1.transpose(1, 2).view(B, nh, WINDOW, nw, WINDOW, heads, d)
+            attn = torch.stack((x1, x2), 5).view(B, H, W, C)
             local_sig = _mean_heads_then_queries(p2, head_dim=2)
         else:
-            x2 = x2.view(B, nh, nw, heads, WINDOW, WINDOW, d).permute(0, 1, 4, 2, 5, 3, 6)
-            lepe[..., half:].add_(x2.reshape(B, hp, wp, half)[:, :H, :W])
+            x1 = x1.transpose(1, 2).reshape(B, H, W, half)
+            attn = torch.cat((x1, x2.reshape(B, hp, wp, half)[:, :H, :W]), -1)
             local_sig = (p2 * plan[1].to(p2.dtype)).sum(dim=(2, 3), dtype=torch.float32).div_(heads)
         local_sig = local_sig.view(B, nh, nw, WINDOW, WINDOW).permute(0, 1, 3, 2, 4).reshape(B, hp, wp)
-        return self._finish(lepe), local_sig[:, :H, :W] + global_sig
+        s = self.sr_ratio
+        if (hp, wp) == (H, W) == (hg * s, wg * s):  # no padding: add the reduced map in place, broadcast
+            significance = local_sig.view(B, hg, s, wg, s).add_(global_sig).view(B, H, W)
+        else:
+            global_sig = global_sig.expand(B, hg, s, wg, s).reshape(B, hg * s, wg * s)[:, :H, :W]
+            significance = local_sig[:, :H, :W] + global_sig
+        return self._finish(lepe_in, attn), significance
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """sr x sr patchify conv (zero padded to a multiple of sr), LayerNorm, GELU -> (B, Hg*Wg, C)."""
@@ -438,7 +509,11 @@ class HybridScaleAttention(_AttentionBase):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         reduced = _conv_nhwc(x, self.sr, self.sr.bias)
         hg, wg = reduced.shape[1], reduced.shape[2]
-        return F.gelu(self.sr_norm(reduced.reshape(x.shape[0], hg * wg, -1))), (hg, wg)
+        # LayerNorm in the conv's dtype (its kernel keeps fp32 statistics): CUDA autocast would otherwise
+        # cast to fp32 and back (two copies forward, two backward) around this tiny map
+        with torch.autocast(x.device.type, enabled=False):
+            reduced = self.sr_norm(reduced.reshape(x.shape[0], hg * wg, -1))
+        return F.gelu(reduced), (hg, wg)
 
 
 class SignificanceGuidedAttention(_AttentionBase):
@@ -465,9 +540,24 @@ class SignificanceGuidedAttention(_AttentionBase):
 
     def merge(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, K) significance-sorted rows -> (T, K) merged rows: each run of g consecutive rows becomes the
-        f-weighted sum (plus bias) of its rows; memory-bound batched GEMVs, no (T, N) matrix."""
+        f-weighted sum (plus bias) of its rows.
+
+        Up to ``DENSE_MERGE_MAX_TOKENS`` merged tokens the (T, N) matrix is built (one mv through a constant
+        tap table, one scatter) and applied by one addmm: a handful of ops forward and backward whatever the
+        part count, where per-part GEMVs, their copies and their backward cost several per part."""
         fs = [getattr(self, f"f{i + 1}") for i in range(len(self.groups))]
-        plan = _merge_plan(tokens.shape[0], self.groups, tokens.device, fs[0].weight.dtype)
+        dtype, n = fs[0].weight.dtype, tokens.shape[0]
+        plan = _merge_plan(n, self.groups, tokens.device, dtype)
+        t = sum(full + (rest > 0) for _, full, rest, _ in plan)
+        if t <= DENSE_MERGE_MAX_TOKENS:
+            taps, flat = _dense_merge_plan(n, self.groups, tokens.device, dtype)
+            # tiny matrix work outside autocast (the tap table stays in its dtype); one cast of the N + T
+            # values to the tokens' dtype instead of autocast casting the (T, N) matrix and the bias
+            with torch.autocast(tokens.device.type, enabled=False):
+                params = torch.cat([f.weight.view(-1) for f in fs] + [f.bias for f in fs])
+                weights, bias = (taps @ params).to(tokens.dtype).split((n, t))
+                matrix = weights.new_zeros(t * n).scatter_(0, flat, weights).view(t, n)
+                return torch.addmm(bias[:, None], matrix, tokens)
         chunks, biases = [], []
         for (start, full, rest, resample), f in zip(plan, fs):
             weight, g = f.weight.view(-1), f.in_features
@@ -487,9 +577,8 @@ class SignificanceGuidedAttention(_AttentionBase):
                 "significance-guided attention needs the map of the preceding hybrid-scale block"
             )
         h, d, n = self.num_heads, self.head_dim, H * W
-        packed = self.in_proj(x)
-        lepe = self._lepe(packed[..., C:])
-        q = packed[..., :C].reshape(B, n, h, d).transpose(1, 2)
+        q, lepe_in = self.in_proj(x).split(C, -1)
+        q = q.reshape(B, n, h, d).transpose(1, 2)
 
         with_grad = torch.is_grad_enabled() and x.requires_grad
         index, inverse = _sorted_gather_index(significance, with_grad)  # (N*2*B,), (2, B*N)
@@ -498,10 +587,11 @@ class SignificanceGuidedAttention(_AttentionBase):
         merged = self.merge(tokens.view(n, 2 * B * C))  # (T, 2*B*C)
         t = merged.shape[0]
         seqs = merged.view(t, 2, B, C).permute(1, 2, 0, 3).reshape(2, B * t, C)
-        kv = self.seq_kv(seqs).view(2, B, t, 2, h // 2, d).permute(3, 1, 0, 4, 2, 5).reshape(2, B, h, t, d)
-        out, _ = _attention(q, kv[0], kv[1], self.scale, self.fused_attn, self._dropout_p)
-        lepe.view(B, n, h, d).add_(out.transpose(1, 2))
-        return self._finish(lepe), None
+        kv = self.seq_kv.forward_transposed(seqs)  # (2, 2C, B*t): [sequence, (k|v, head, d), (image, token)]
+        # one copy to (k|v, B, heads, t, d); contiguous() where reshape could merge a unit dim into a view
+        kv = kv.view(2, 2, h // 2, d, B, t).permute(1, 4, 0, 2, 5, 3).reshape(2, B, h, t, d).contiguous()
+        out, _ = _attention(q, *kv.unbind(0), self.scale, self.fused_attn, self._dropout_p)
+        return self._finish(lepe_in, out.transpose(1, 2)), None
 
 
 def _mean_heads_then_queries(probs: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -513,30 +603,35 @@ def _mean_heads_then_queries(probs: torch.Tensor, head_dim: int) -> torch.Tensor
 
 @_cached
 def _gather_layout(batch: int, height: int, width: int, device: torch.device):
-    """Constant index pieces for sorting tokens: column-major id -> row-major id (N,), per-image row offsets
-    (1, B, 1), and the row of each (sequence, image, position) in the gathered (N, 2, B) layout (2, B, N)."""
+    """Constant index tables for sorting tokens: ``table`` (N, 2, B), the row of x (B*N, C) that holds token j
+    of sequence s (row-major / column-major id) in image b at [j, s, b]; ``offset`` (1, 2, 1), s*B*N, and
+    ``positions`` (N*2*B,), the rows of the gathered layout, which build the inverse map."""
     n = height * width
-    col_to_row = torch.arange(n, device=device).view(height, width).t().reshape(-1)
-    image = torch.arange(batch, device=device).view(1, batch, 1)
-    slot = torch.arange(n, device=device).view(1, 1, n) * (2 * batch) + image
-    slot = slot + torch.arange(2, device=device).view(2, 1, 1) * batch
-    return col_to_row, image * n, slot
+    ids = torch.arange(n, device=device)
+    col_to_row = ids.view(height, width).t().reshape(-1)
+    table = torch.stack((ids, col_to_row), 1)[:, :, None] + torch.arange(batch, device=device) * n
+    offset = torch.arange(2, device=device).view(1, 2, 1) * (batch * n)
+    return table, offset, torch.arange(2 * batch * n, device=device)
 
 
 def _sorted_gather_index(significance: torch.Tensor, with_inverse: bool):
     """Row indices into x (B*N, C) laid out (N, 2, B) -- position, sequence, image -- for the row-major and
-    column-major significance orders, and (for the backward) the inverse map (2, B*N)."""
+    column-major significance orders, and (for the backward) the inverse map (2, B*N). Three ops (stack the
+    keys, sort, one gather through the constant table), two more for the inverse."""
     B, H, W = significance.shape
     n = H * W
-    col_to_row, image_offset, slot = _gather_layout(B, H, W, significance.device)
+    table, offset, positions = _gather_layout(B, H, W, significance.device)
     with torch.no_grad():
-        keys = torch.stack([significance.reshape(B, n), significance.transpose(1, 2).reshape(B, n)])
-        order = torch.sort(keys, dim=-1).indices  # (2, B, N); not stable, like the official (see docstring)
-        order = torch.stack([order[0], col_to_row[order[1]]])  # both as row-major token ids
-        index = (order + image_offset).permute(2, 0, 1).reshape(-1)
+        if H == W:  # both orders as (B, H, W) views: one stack
+            keys = torch.stack((significance, significance.mT))
+        else:
+            keys = torch.stack((significance.reshape(B, n), significance.mT.reshape(B, n)))
+        order = torch.sort(keys.view(2, B, n), dim=-1).indices  # not stable, as officially (see docstring)
+        index = torch.gather(table, 0, order.permute(2, 0, 1))  # (N, 2, B)
         if not with_inverse:
-            return index, None
-        return index, torch.empty_like(order).scatter_(-1, order, slot).view(2, B * n)
+            return index.view(-1), None
+        inverse = torch.empty_like(positions).scatter_(0, (index + offset).view(-1), positions)
+        return index.view(-1), inverse.view(2, B * n)
 
 
 def _window_partition(slab: torch.Tensor, window: int, parts: int, heads: int) -> torch.Tensor:
@@ -561,12 +656,10 @@ class MultiHeadAttention(_AttentionBase):
     def forward(self, x: torch.Tensor, significance: torch.Tensor | None = None):
         B, H, W, C = x.shape
         h, d, n = self.num_heads, self.head_dim, H * W
-        packed = self.in_proj(x)
-        lepe = self._lepe(packed[..., 3 * C :])
-        qkv = packed[..., : 3 * C].reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4)
-        out, _ = _attention(qkv[0], qkv[1], qkv[2], self.scale, self.fused_attn, self._dropout_p)
-        lepe.view(B, n, h, d).add_(out.transpose(1, 2))
-        return self._finish(lepe), None
+        qkv, lepe_in = self.in_proj(x).split((3 * C, C), -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(B, n, 3, h, d).unbind(2))
+        out, _ = _attention(q, k, v, self.scale, self.fused_attn, self._dropout_p)
+        return self._finish(lepe_in, out.transpose(1, 2)), None
 
 
 # ----------------------------------------------------------------------------------------------------------
