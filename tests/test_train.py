@@ -42,7 +42,8 @@ def write_config(path: Path, data_dir: Path, output_dir: Path) -> Path:
             "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
             "projector": {"type": "mlp", "pool": 2, "pos_embed": True},
         },
-        "data": {"train": str(data_dir / "train.json"), "max_length": 1024},
+        # branched multi-turn records in the split layout, as the quickstart recipe trains
+        "data": {"train": str(data_dir / "train.json"), "max_length": 1024, "branch_turns": True},
         "train": {
             "output_dir": str(output_dir),
             "batch_size": 4,
