@@ -63,8 +63,7 @@ def main() -> None:
     rows = []
     for name, groups in LAYOUTS.items():
         batch = Collator(processor, split_branches=groups is not None, branch_groups=groups or 1)(samples)
-        wanted = (*MODEL_INPUTS, "pixel_values", "branch_groups")
-        inputs = {k: v for k, v in batch.items() if k in wanted}
+        inputs = {k: v for k, v in batch.items() if k in (*MODEL_INPUTS, "pixel_values")}
 
         def step(inputs=inputs) -> float:
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):

@@ -24,15 +24,20 @@ PROCESSOR_FILE = "mm_processor.json"
 ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
 
 
-def _pad_rows(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
-    """Right-pad (ids, labels) pairs into ``[N, L]`` ids, attention mask and labels."""
-    length = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, (i, lab) in enumerate(rows):
-        ids[row, : len(i)], labels[row, : len(i)], mask[row, : len(i)] = i, lab, 1
-    return ids, mask, labels
+def _pad(rows: Sequence[Sequence[int] | torch.Tensor], fill: int, side: str = "right") -> torch.Tensor:
+    """Rows of different lengths -> one ``[N, L]`` long tensor, ``fill`` on the ``side`` each row is short."""
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        out[i, cols] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def _pad_pairs(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
+    """Right-padded ids, attention mask and labels of (ids, labels) rows."""
+    ids = _pad([i for i, _ in rows], pad_id)
+    return ids, _pad([[1] * len(i) for i, _ in rows], 0), _pad([lab for _, lab in rows], IGNORE_INDEX)
 
 
 class VLMProcessor:
@@ -200,21 +205,15 @@ class VLMProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        length = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), length), dtype=torch.long)
-        with_segments = any("segments" in f for f in features)
-        segments = torch.zeros((len(features), length), dtype=torch.long) if with_segments else None
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            ids[row, cols] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            mask[row, cols] = 1
-            if "labels" in f:
-                labels[row, cols] = torch.as_tensor(f["labels"], dtype=torch.long)
-            if segments is not None and "segments" in f:
-                segments[row, cols] = torch.as_tensor(f["segments"], dtype=torch.long)
+
+        def field(key: str, default: int, fill: int) -> torch.Tensor:
+            rows = [f.get(key, [default] * len(f["input_ids"])) for f in features]
+            return _pad(rows, fill, padding_side)
+
+        ids = field("input_ids", pad_id, pad_id)
+        mask = _pad([[1] * len(f["input_ids"]) for f in features], 0, padding_side)
+        labels = field("labels", IGNORE_INDEX, IGNORE_INDEX)
+        segments = field("segments", 0, 0) if any("segments" in f for f in features) else None
         pixel_values = None
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
@@ -261,15 +260,16 @@ class VLMProcessor:
                 start = end
         packed = ("input_ids", "attention_mask", "labels", "segment_ids")
         out = {k: v for k, v in batch.items() if k not in packed}
-        out["input_ids"], out["attention_mask"], out["labels"] = _pad_rows(prefixes, pad_id)
+        out["input_ids"], out["attention_mask"], out["labels"] = _pad_pairs(prefixes, pad_id)
         if bool((out["labels"] == IGNORE_INDEX).all()):
             out["labels"] = None
         if branches:
             order = sorted(range(len(branches)), key=lambda i: len(branches[i][0]))
-            ids, mask, labels = _pad_rows([branches[i] for i in order], pad_id)
+            ids, mask, labels = _pad_pairs([branches[i] for i in order], pad_id)
             out.update(branch_input_ids=ids, branch_attention_mask=mask, branch_labels=labels)
             out["branch_owner"] = torch.tensor([owners[i] for i in order], dtype=torch.long)
-            cuts = sorted({round(len(order) * g / max(1, groups)) for g in range(max(1, groups) + 1)})
+            groups = max(1, groups)
+            cuts = sorted({round(len(order) * g / groups) for g in range(groups + 1)})
             out["branch_groups"] = [
                 (start, end, len(branches[order[end - 1]][0]))
                 for start, end in zip(cuts, cuts[1:])

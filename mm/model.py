@@ -78,10 +78,14 @@ def shifted_loss_terms(
     return (ce * weights).sum(), weights.sum()
 
 
+def _mean_loss(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One mean over several (weighted sum, weight) terms from ``shifted_loss_terms``."""
+    return sum(t for t, _ in terms) / sum(w for _, w in terms).clamp_min(1e-9)
+
+
 def answer_weighted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy where every answer weighs the same (see ``shifted_loss_terms``)."""
-    total, weight = shifted_loss_terms(logits, labels, "answer")
-    return total / weight.clamp_min(1e-9)
+    return _mean_loss([shifted_loss_terms(logits, labels, "answer")])
 
 
 def _select_cache_rows(cache: Any, index: torch.Tensor, config: PretrainedConfig) -> DynamicCache:
@@ -221,19 +225,16 @@ class VLM(PreTrainedModel):
                 ).masked_fill(~attention_mask, torch.finfo(self.dtype).min)
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask)
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        per_answer = labels is not None and self.config.loss_weighting == "answer"
         out = self.llm(
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=None if per_answer else labels,
             past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else False,
             **kwargs,
         )
-        if per_answer:
-            out.loss = answer_weighted_loss(out.logits, labels)
+        if labels is not None:
+            out.loss = _mean_loss([shifted_loss_terms(out.logits, labels, self.config.loss_weighting)])
         return out
 
     def _forward_branches(
@@ -253,7 +254,8 @@ class VLM(PreTrainedModel):
         Same function as the packed 4-D mask, at a fraction of the attention cost (prefix x branch instead
         of the packed length squared), and the LM head runs only where there are labels. The cache rows are
         gathered per branch with ``index_select``, so gradients flow back into the prefix. Branch rows run
-        in length groups (``(start, end, length)`` from the collator), each cut to its own length.
+        in length groups (``(start, end, length)`` from the collator), each cut to its own length. Returns
+        the loss only (a training path).
         """
         cfg = self.config
         prefix_positions = self.position_ids_for(input_ids, attention_mask)
@@ -266,7 +268,7 @@ class VLM(PreTrainedModel):
         )
         start = next_positions(prefix_positions, attention_mask)
         groups = branch_groups or [(0, branch_input_ids.shape[0], branch_input_ids.shape[1])]
-        terms, logits = [], []
+        terms = []
         for first, last, length in groups:
             owner = branch_owner[first:last]
             ids, mask = branch_input_ids[first:last, :length], branch_attention_mask[first:last, :length]
@@ -279,17 +281,13 @@ class VLM(PreTrainedModel):
                 past_key_values=_select_cache_rows(prefix.past_key_values, owner, self.llm.config),
                 use_cache=True,
             )
-            logits.append(out.logits)
             if branch_labels is not None:
                 group_labels = branch_labels[first:last, :length]
                 terms.append(shifted_loss_terms(out.logits, group_labels, cfg.loss_weighting))
         if terms and labels is not None:
             terms.append(shifted_loss_terms(prefix.logits, labels, cfg.loss_weighting))
-        loss = sum(t for t, _ in terms) / sum(w for _, w in terms).clamp_min(1e-9) if terms else None
-        # logits of the branch rows (sorted by length), each group padded to the longest
-        width = max(lg.shape[1] for lg in logits)
-        padded = [torch.nn.functional.pad(lg, (0, 0, 0, width - lg.shape[1])) for lg in logits]
-        return CausalLMOutputWithPast(loss=loss, logits=torch.cat(padded))
+        # training only: the loss, no logits (gathering every group's logits would copy them each step)
+        return CausalLMOutputWithPast(loss=_mean_loss(terms) if terms else None)
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(

@@ -176,16 +176,17 @@ MODEL_INPUTS = (
     "branch_attention_mask",
     "branch_labels",
     "branch_owner",
+    "branch_groups",
 )
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
-    out = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    if "branch_groups" in batch:
-        out["branch_groups"] = batch["branch_groups"]  # python ints
-    if "labels" in batch and batch["labels"] is None:
-        out["labels"] = None  # split branches: no labelled prefix token
+    # tensors move; the rest (labels None when no prefix token is labelled, branch_groups ints) passes as is
+    out = {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+        if k in MODEL_INPUTS
+    }
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
     return out
