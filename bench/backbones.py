@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, res in plan(args):
         row = measure(name, res, args, device)
         rows.append(row)
-        print(f"[{len(rows)}] {name}@{res}: {row['status']}", file=sys.stderr, flush=True)
+        speeds = {k: row[k] for k in ("infer_img_s", "train_img_s") if row.get(k) is not None}
+        print(f"[{len(rows)}] {name}@{res}: {row['status']} {speeds}", file=sys.stderr, flush=True)
     add_ratios(rows)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {"env": environment(device), "settings": settings, "results": rows}

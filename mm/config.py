@@ -68,6 +68,9 @@ class TrainSection:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else no
     gradient_checkpointing: bool = False
+    # attention kernel while training: None keeps the model's (sdpa); "eager" (matmul + softmax) is ~1.2-1.3x
+    # faster per step than the CPU flash kernel for the tiny quickstart LLM's short rows (BENCHMARKS.md)
+    attn_implementation: str | None = None
     threads: int | None = None
     keep_checkpoints: int = 2
     # Dense pretraining of trainable experts on object annotations (meta.objects) before the VLM stage;

@@ -239,6 +239,8 @@ class Trainer:
         self.counts = apply_stage(model, t.stage, t.train_experts)
         if t.expert_pretrain_steps and resume_from is None:
             self._pretrain_experts(model, records, train_path.parent)
+        if t.attn_implementation:
+            model.llm.set_attn_implementation(t.attn_implementation)
         if t.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()

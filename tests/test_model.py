@@ -156,11 +156,11 @@ def test_stream_yields_the_same_text_as_ask(saved_dir):
 
     assistant = Assistant(saved_dir, device="cpu")
     image = solid_image((255, 0, 0))
-    answer = assistant.ask("Describe the image.", [image], max_new_tokens=30)
+    answer = assistant.ask("Describe the image.", [image], max_new_tokens=40)
     assert answer == ANSWER
     assert len(assistant.turns) == 2 and assistant.turns[1] == {"from": "gpt", "value": answer}
     assistant.reset()
-    pieces = list(assistant.stream("Describe the image.", [image], max_new_tokens=30))
+    pieces = list(assistant.stream("Describe the image.", [image], max_new_tokens=40))
     assert len(pieces) > 1  # really streamed, piece by piece
     assert "".join(pieces).strip() == answer
     assert assistant.turns[0]["value"] == "<image>\nDescribe the image."

@@ -263,25 +263,32 @@ def test_split_branches_rejects_a_labelled_branch_start(tiny_processor):
         tiny_processor.split_branches(batch)
 
 
-@pytest.mark.parametrize("weighting", ["token", "answer"])
-def test_split_branches_train_exactly_like_the_packed_mask(weighting):
-    """Same loss and same gradients as the packed 4-D mask: the split layout is only a faster schedule."""
+@pytest.mark.parametrize(
+    ("weighting", "attention"), [("token", "sdpa"), ("answer", "sdpa"), ("token", "eager")]
+)
+def test_split_branches_train_exactly_like_the_packed_mask(weighting, attention):
+    """Same loss and same gradients as the packed 4-D mask (sdpa): the split layout and the eager attention
+    kernel (`train.attn_implementation`) are only faster schedules of the same function."""
     model, proc = build_tiny(seed=2)
     model.config.loss_weighting = weighting
     model.train()
     packed = _branched_batch(proc)
     losses, grads = [], []
-    for batch in (packed, proc.split_branches(packed, groups=1), proc.split_branches(packed, groups=3)):
+    layouts = (packed, packed, proc.split_branches(packed, groups=1), proc.split_branches(packed, groups=3))
+    for i, batch in enumerate(layouts):
+        if i == 1:
+            model.llm.set_attn_implementation(attention)
         model.zero_grad()
         loss = model(**batch).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    for split in (1, 2):
-        assert torch.allclose(losses[0], losses[split], atol=1e-5), losses
-        assert grads[0].keys() == grads[split].keys() and any("experts" in n for n in grads[0])
+    assert model.llm.config._attn_implementation == attention
+    for other in (1, 2, 3):
+        assert torch.allclose(losses[0], losses[other], atol=1e-5), losses
+        assert grads[0].keys() == grads[other].keys() and any("experts" in n for n in grads[0])
         for name, g in grads[0].items():
-            assert torch.allclose(g, grads[split][name], atol=1e-5, rtol=1e-4), name
+            assert torch.allclose(g, grads[other][name], atol=1e-5, rtol=1e-4), name
 
 
 def test_processor_settings_roundtrip(tmp_path, tiny_model, tiny_processor):

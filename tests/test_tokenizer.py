@@ -36,7 +36,7 @@ def corpus(n: int = 800, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(corpus(), None, vocab_size=320)
+    return train_tokenizer(corpus(), None, vocab_size=340)
 
 
 SAMPLES = [
@@ -55,7 +55,7 @@ def test_special_tokens_have_fixed_ids_and_roles(tok):
     assert tok.bos_token is None
     assert tok.chat_template == CHATML_TEMPLATE
     assert tok.model_max_length == 4096
-    assert len(tok) == 320
+    assert len(tok) == 340
 
 
 @pytest.mark.parametrize("token", [ENDOFTEXT_TOKEN, CHAT_START_TOKEN, CHAT_END_TOKEN, IMAGE_TOKEN])
@@ -95,6 +95,20 @@ def test_merges_are_learned(tok):
     assert tok.tokenize(" triangle") == ["Ġtriangle"] and tok.tokenize(" circle") == ["Ġcircle"]
 
 
+def test_chat_role_names_are_single_tokens(tok):
+    """Role names never occur in the task text; trained without the template they cost ~6 tokens a turn."""
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "a red circle"}, {"role": "assistant", "content": "a box"}],
+        tokenize=False,
+    )
+    pieces = tok.convert_ids_to_tokens(tok.encode(rendered))
+    assert pieces[:3] == [CHAT_START_TOKEN, "user", "Ċ"]
+    turn = [CHAT_END_TOKEN, "Ċ", CHAT_START_TOKEN, "assistant", "Ċ"]
+    assert any(pieces[i : i + 5] == turn for i in range(len(pieces))), pieces
+    without = train_tokenizer(corpus(), None, vocab_size=340, chat_template=None)
+    assert len(without.tokenize("assistant")) > 1  # the scaffold, not the corpus, taught the merge
+
+
 @pytest.mark.parametrize("text", SAMPLES)
 def test_byte_level_is_lossless(tok, text):
     assert tok.decode(tok.encode(text)) == text
@@ -105,7 +119,7 @@ def test_save_and_load_round_trip(tok, tmp_path):
     assert {p.name for p in (tmp_path / "tok").iterdir()} >= {"tokenizer.json", "tokenizer_config.json"}
     loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
     for text in SAMPLES:
-        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.chat_template == LLAMA3_TEMPLATE
     assert loaded.get_vocab() == tokenizer.get_vocab()
     assert (loaded.pad_token, loaded.eos_token, loaded.bos_token) == (ENDOFTEXT_TOKEN, CHAT_END_TOKEN, None)
@@ -118,7 +132,7 @@ def test_save_and_load_round_trip(tok, tmp_path):
 
 
 def test_training_is_deterministic(tok):
-    again = train_tokenizer(corpus(), None, vocab_size=320)
+    again = train_tokenizer(corpus(), None, vocab_size=340)
     assert again.get_vocab() == tok.get_vocab()
     assert json.loads(again.backend_tokenizer.to_str()) == json.loads(tok.backend_tokenizer.to_str())
 

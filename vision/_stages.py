@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -38,3 +40,20 @@ def unwrap_checkpoint(checkpoint: dict) -> dict:
             break
         checkpoint = checkpoint[key]
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def layer_norm_keep_dtype(
+    x: Tensor, norm: nn.LayerNorm, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """LayerNorm that keeps bf16/fp16 activations in their dtype under autocast.
+
+    Autocast would return fp32 here and the next Linear would cast it back: two full-size passes per norm.
+    The kernel accumulates statistics in fp32 either way.
+    """
+    device = x.device.type
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            weight = None if weight is None else weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+            return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)

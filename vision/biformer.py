@@ -65,7 +65,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._stages import prune_stages, unwrap_checkpoint
+from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -274,26 +274,11 @@ def _cast_weights(groups: Sequence[dict[str, nn.Module | None]], x: Tensor) -> l
 # Layers
 
 
-def _layer_norm(x: Tensor, norm: nn.LayerNorm, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """LayerNorm that keeps bf16/fp16 activations in their dtype under autocast.
-
-    Autocast would return fp32 here and the next Linear would cast it back: two full-size passes per norm.
-    The kernel accumulates statistics in fp32 either way.
-    """
-    device = x.device.type
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            weight = None if weight is None else weight.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
-            return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-
-
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` keeping bf16/fp16 activations in their dtype under autocast (see ``_layer_norm``)."""
+    """``nn.LayerNorm`` keeping bf16/fp16 activations in their dtype under autocast."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _layer_norm(x, self, self.weight, self.bias)
+        return layer_norm_keep_dtype(x, self, self.weight, self.bias)
 
 
 def _dwconv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -516,8 +501,8 @@ class BiFormerBlock(nn.Module):
         w = _cast_weights([self.layers()], x)[0] if weights is None else weights
         if self.pos_embed is not None:
             x = x + _dwconv(x, *w["pos_embed"])
-        x = x + self.drop_path1(self.attn(_layer_norm(x, self.norm1, *w["norm1"]), grid, w))
-        h = mlp.drop1(mlp.act(F.linear(_layer_norm(x, self.norm2, *w["norm2"]), *w["fc1"])))
+        x = x + self.drop_path1(self.attn(layer_norm_keep_dtype(x, self.norm1, *w["norm1"]), grid, w))
+        h = mlp.drop1(mlp.act(F.linear(layer_norm_keep_dtype(x, self.norm2, *w["norm2"]), *w["fc1"])))
         return x + self.drop_path2(mlp.drop2(F.linear(mlp.norm(h), *w["fc2"])))
 
 

@@ -70,7 +70,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from ._stages import prune_stages, unwrap_checkpoint
+from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -511,8 +511,8 @@ class HybridScaleAttention(_AttentionBase):
         hg, wg = reduced.shape[1], reduced.shape[2]
         # LayerNorm in the conv's dtype (its kernel keeps fp32 statistics): CUDA autocast would otherwise
         # cast to fp32 and back (two copies forward, two backward) around this tiny map
-        with torch.autocast(x.device.type, enabled=False):
-            reduced = self.sr_norm(reduced.reshape(x.shape[0], hg * wg, -1))
+        norm, reduced = self.sr_norm, reduced.reshape(x.shape[0], hg * wg, -1)
+        reduced = layer_norm_keep_dtype(reduced, norm, norm.weight, norm.bias)
         return F.gelu(reduced), (hg, wg)
 
 

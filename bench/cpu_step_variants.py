@@ -1,0 +1,99 @@
+"""Seconds per quickstart training step on the CPU for numeric variants of the same model and batch.
+
+Same batch (32 ShapesWorld records, split branch layout, 2 length groups), same weights at the start; each
+variant changes only how the step computes: ``amp`` (bf16 autocast, the trainer's CPU default), ``fp32``,
+``bf16w`` (bf16 weights, no autocast: the cost without per-op casts), ``eager`` (attention as matmul +
+softmax instead of the CPU flash kernel), ``cl`` (channels-last CNN). Run one variant per process, pinned:
+
+    OMP_NUM_THREADS=2 taskset -c 2,3 python bench/cpu_step_variants.py amp --json amp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.dataset import Collator, ConversationDataset  # noqa: E402
+from data.schema import load_llava_json  # noqa: E402
+from data.shapesworld import generate  # noqa: E402
+from mm.build import build_tokenizer, build_vlm, make_processor  # noqa: E402
+from mm.config import apply_overrides, config_from_dict  # noqa: E402
+from mm.quickstart import recipe  # noqa: E402
+from mm.train import MODEL_INPUTS, _corpus  # noqa: E402
+
+VARIANTS = ("amp", "fp32", "bf16w", "eager", "cl")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variant", choices=VARIANTS)
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    data = args.data or Path(tempfile.mkdtemp()) / "sw"
+    if not (data / "train.json").is_file():
+        generate(data, n=400, seed=0, image_size=96, progress=False)
+    spec = apply_overrides(recipe(), list(args.overrides))
+    spec.pop("shapesworld")
+    cfg = config_from_dict(spec)
+    all_records = load_llava_json(data / "train.json")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(cfg.model, _corpus(all_records))
+    model = build_vlm(cfg.model, tokenizer).train()
+    processor = make_processor(model, tokenizer, cfg.data)
+    ds = ConversationDataset(all_records[:32], processor, data, cache_pixels=True, branch_turns=True)
+    batch = Collator(processor, split_branches=True, branch_groups=2)([ds[i] for i in range(len(ds))])
+    inputs = {k: v for k, v in batch.items() if k in (*MODEL_INPUTS, "pixel_values")}
+    v = args.variant
+    if v == "eager":
+        model.llm.config._attn_implementation = "eager"
+    if v == "bf16w":
+        model.to(torch.bfloat16)
+    if v == "cl":
+        model.experts.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    amp = v in ("amp", "eager", "cl")
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    tokens = int(batch["input_ids"].numel()) + sum((e - s) * n for s, e, n in batch["branch_groups"])
+    res = {
+        "variant": v,
+        "overrides": args.overrides,
+        "median_s": statistics.median(times),
+        "times": times,
+        "token_slots": tokens,
+        "threads": torch.get_num_threads(),
+    }
+    print("RESULT", json.dumps(res), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
