@@ -6,32 +6,6 @@ import torch
 import torch.nn.functional as F
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-# Preferred CUDA attention kernels for our windows / stripes / regions (short sequences, head dim 32): the
-# memory-efficient kernel trains CSWin-T, BiFormer-T and SG-Former-S 1.1-1.7x faster on an H100 than the
-# default pick (flash); the others stay as fallbacks for inputs it does not take (BENCHMARKS.md).
-_CUDA_SDPA_ORDER = [
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.MATH,
-]
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-) -> Tensor:
-    """``F.scaled_dot_product_attention`` with our kernel preference on CUDA (CPU keeps PyTorch's choice)."""
-    if q.is_cuda:
-        with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def prune_stages(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:

@@ -65,7 +65,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._stages import attention, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -300,7 +300,7 @@ class DepthwiseConvNHWC(nn.Conv2d):
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, fused: bool) -> Tensor:
     """``softmax(q k^T * scale + mask) v`` on ``[B', h, N, d]``: SDPA, or the explicit (export) path."""
     if fused:
-        return attention(q, k, v, mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     logits = (q * scale) @ k.transpose(-2, -1)
     if mask is not None:
         logits = logits + mask

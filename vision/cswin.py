@@ -53,7 +53,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._stages import attention, prune_stages, unwrap_checkpoint
+from ._stages import prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = [
@@ -167,7 +167,7 @@ class CSWinAttention(nn.Module):
         """``[B', h, N, d]`` attention; SDPA, or the explicit softmax reference path."""
         drop = self.attn_drop if self.training else 0.0
         if self.fused_attn:
-            return attention(q, k, v, mask, dropout_p=drop, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if mask is not None:
             attn = attn + mask

@@ -70,7 +70,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from ._stages import attention, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -276,7 +276,7 @@ def _attention(
     """softmax(q k^T * scale) v through SDPA (``fused``) or explicitly; optionally also the probabilities
     (detached, for the significance; recomputed without grad on the SDPA path)."""
     if fused:
-        out = attention(q, k, v, mask, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         if not with_probs:
             return out, None
         with torch.no_grad():
