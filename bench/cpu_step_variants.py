@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -41,10 +42,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--batches", type=int, default=1, help="distinct batches timed once each (1: repeat one)")
     args = ap.parse_args()
     data = args.data or Path(tempfile.mkdtemp()) / "sw"
     if not (data / "train.json").is_file():
-        generate(data, n=400, seed=0, image_size=96, progress=False)
+        generate(data, n=max(400, 40 * (args.batches + args.warmup)), seed=0, image_size=96, progress=False)
     spec = apply_overrides(recipe(), list(args.overrides))
     spec.pop("shapesworld")
     cfg = config_from_dict(spec)
@@ -53,9 +55,14 @@ def main() -> None:
     tokenizer = build_tokenizer(cfg.model, _corpus(all_records))
     model = build_vlm(cfg.model, tokenizer).train()
     processor = make_processor(model, tokenizer, cfg.data)
-    ds = ConversationDataset(all_records[:32], processor, data, cache_pixels=True, branch_turns=True)
-    batch = Collator(processor, split_branches=True, branch_groups=2)([ds[i] for i in range(len(ds))])
-    inputs = {k: v for k, v in batch.items() if k in (*MODEL_INPUTS, "pixel_values")}
+    distinct = args.batches + args.warmup if args.batches > 1 else 1
+    records = all_records[: 32 * distinct]
+    if len(records) < 32 * distinct:
+        raise SystemExit(f"{data}: {len(records)} train records, --batches needs {32 * distinct}")
+    ds = ConversationDataset(records, processor, data, cache_pixels=True, branch_turns=True)
+    collate = Collator(processor, split_branches=True, branch_groups=2)
+    batches = [collate([ds[i] for i in range(32 * b, 32 * b + 32)]) for b in range(distinct)]
+    inputs_list = [{k: v for k, v in b.items() if k in (*MODEL_INPUTS, "pixel_values")} for b in batches]
     v = args.variant
     if v == "eager":
         model.llm.config._attn_implementation = "eager"
@@ -66,7 +73,7 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     amp = v in ("amp", "eager", "cl")
 
-    def step() -> float:
+    def step(inputs) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = model(**inputs).loss
         loss.backward()
@@ -74,21 +81,28 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    for _ in range(args.warmup):
-        step()
+    timed = inputs_list[args.warmup :] if distinct > 1 else inputs_list * args.iters
+    for inputs in (inputs_list * args.warmup)[: args.warmup]:
+        step(inputs)
     times = []
-    for _ in range(args.iters):
+    for inputs in timed:
         t = time.perf_counter()
-        step()
+        step(inputs)
         times.append(time.perf_counter() - t)
-    tokens = int(batch["input_ids"].numel()) + sum((e - s) * n for s, e, n in batch["branch_groups"])
+    slots = [
+        int(b["input_ids"].numel()) + sum((e - s) * n for s, e, n in b["branch_groups"])
+        for b in (batches[args.warmup :] if distinct > 1 else batches)
+    ]
     res = {
         "variant": v,
         "overrides": args.overrides,
+        "batches": args.batches,
         "median_s": statistics.median(times),
+        "mean_s": statistics.mean(times),
         "times": times,
-        "token_slots": tokens,
+        "token_slots_mean": statistics.mean(slots),
         "threads": torch.get_num_threads(),
+        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     print("RESULT", json.dumps(res), flush=True)
     if args.json:
