@@ -15,7 +15,6 @@ import json
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,13 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quickstart_setup import quickstart_model  # noqa: E402
+
 from data.dataset import Collator, ConversationDataset  # noqa: E402
-from data.schema import load_llava_json  # noqa: E402
-from data.shapesworld import generate  # noqa: E402
-from mm.build import build_tokenizer, build_vlm, make_processor  # noqa: E402
-from mm.config import apply_overrides, config_from_dict  # noqa: E402
-from mm.quickstart import recipe  # noqa: E402
-from mm.train import MODEL_INPUTS, _corpus  # noqa: E402
+from mm.train import MODEL_INPUTS  # noqa: E402
 
 VARIANTS = ("amp", "fp32", "bf16w", "eager", "cl")
 
@@ -44,17 +40,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--batches", type=int, default=1, help="distinct batches timed once each (1: repeat one)")
     args = ap.parse_args()
-    data = args.data or Path(tempfile.mkdtemp()) / "sw"
-    if not (data / "train.json").is_file():
-        generate(data, n=max(400, 40 * (args.batches + args.warmup)), seed=0, image_size=96, progress=False)
-    spec = apply_overrides(recipe(), list(args.overrides))
-    spec.pop("shapesworld")
-    cfg = config_from_dict(spec)
-    all_records = load_llava_json(data / "train.json")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(cfg.model, _corpus(all_records))
-    model = build_vlm(cfg.model, tokenizer).train()
-    processor = make_processor(model, tokenizer, cfg.data)
+    n_images = max(400, 40 * (args.batches + args.warmup))
+    model, processor, all_records, data = quickstart_model(args.overrides, args.data, n_images)
     distinct = args.batches + args.warmup if args.batches > 1 else 1
     records = all_records[: 32 * distinct]
     if len(records) < 32 * distinct:
@@ -65,7 +52,7 @@ def main() -> None:
     inputs_list = [{k: v for k, v in b.items() if k in (*MODEL_INPUTS, "pixel_values")} for b in batches]
     v = args.variant
     if v == "eager":
-        model.llm.config._attn_implementation = "eager"
+        model.llm.set_attn_implementation("eager")  # as train.attn_implementation does
     if v == "bf16w":
         model.to(torch.bfloat16)
     if v == "cl":

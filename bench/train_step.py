@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,13 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from quickstart_setup import quickstart_model  # noqa: E402
+
 from data.dataset import Collator, ConversationDataset  # noqa: E402
-from data.schema import load_llava_json  # noqa: E402
-from data.shapesworld import generate  # noqa: E402
-from mm.build import build_tokenizer, build_vlm, make_processor  # noqa: E402
-from mm.config import apply_overrides, config_from_dict  # noqa: E402
-from mm.quickstart import recipe  # noqa: E402
-from mm.train import MODEL_INPUTS, _corpus  # noqa: E402
+from mm.train import MODEL_INPUTS  # noqa: E402
 
 LAYOUTS = {"packed": None, "split-1": 1, "split-2": 2, "split-3": 3}
 
@@ -42,17 +38,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    data = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "sw"
-    if not (data / "train.json").is_file():
-        generate(data, n=400, seed=0, image_size=96, progress=False)
-    spec = apply_overrides(recipe(), list(args.overrides))
-    spec.pop("shapesworld")
-    cfg = config_from_dict(spec)
-    records = load_llava_json(data / "train.json")[: args.batch]
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(cfg.model, _corpus(records))
-    model = build_vlm(cfg.model, tokenizer).train()
-    processor = make_processor(model, tokenizer, cfg.data)
+    model, processor, records, data = quickstart_model(
+        args.overrides, args.data, n_images=400, tokenizer_records=args.batch
+    )
+    records = records[: args.batch]
     dataset = ConversationDataset(
         records, processor, data, cache_pixels=True, branch_turns=True, progress=False
     )
