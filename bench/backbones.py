@@ -7,6 +7,7 @@ batch, input layout and compile setting apply to every model. A model that is no
 Swin-B for the B-size models) at the same resolution and writes JSON with the environment.
 
     python bench/backbones.py --device cuda --json bench/backbones.json
+    python bench/backbones.py --device cuda --cuda-graph --json bench/backbones_graphed.json
     python bench/backbones.py --device cpu --batch-infer 2 --batch-train 2 --iters 1 --warmup 0 \\
         --models cswin_tiny_224,swin_tiny_patch4_window7_224
 """
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="second resolution for our models and Swin/ConvNeXt baselines (0: skip)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every model alike")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each whole step (training: forward + backward + AdamW) in a CUDA graph, alike for "
+        "every model: measures the GPU work without the host's per-launch overhead",
+    )
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW inputs and weights")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     return p.parse_args(argv)
@@ -152,6 +159,27 @@ def run_phase(step: Callable[[], torch.Tensor], args: argparse.Namespace, device
     return batch * args.iters / timer.seconds, peak_gib(device), finite
 
 
+def graphed(step: Callable[[], torch.Tensor], before_capture: Callable[[], None] = lambda: None):
+    """``step`` captured in a CUDA graph (after warm-up on a side stream, as the PyTorch docs prescribe);
+    returns a callable that replays it and returns the captured output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def measure_inference(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = build(name, res, args, device).eval().to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
@@ -159,10 +187,11 @@ def measure_inference(name: str, res: int, args: argparse.Namespace, device: tor
     x = make_input(args.batch_infer, res, args, device, torch.bfloat16)
     release(device)
 
-    @torch.inference_mode()
-    def step() -> torch.Tensor:
+    @torch.no_grad()
+    def forward() -> torch.Tensor:
         return fn(x)
 
+    step = graphed(forward) if args.cuda_graph else torch.inference_mode()(forward)
     img_s, mem, finite = run_phase(step, args, device, args.batch_infer)
     return {"params_m": params / 1e6, "infer_img_s": img_s, "infer_peak_gib": mem, "infer_finite": finite}
 
@@ -171,20 +200,27 @@ def measure_training(name: str, res: int, args: argparse.Namespace, device: torc
     model = build(name, res, args, device).train()
     fn = torch.compile(model) if args.compile else model
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused, capturable=args.cuda_graph
+    )
     x = make_input(args.batch_train, res, args, device, torch.float32)
     num_classes = getattr(model, "num_classes", 1000) or 1000
     y = torch.randint(0, num_classes, (args.batch_train,), device=device)
     release(device)
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        # A graph cannot hold autocast's weight-cast cache: without it every model re-casts its weights
+        # each step, alike.
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph):
             loss = F.cross_entropy(fn(x).float(), y)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not args.cuda_graph:  # captured: the backward writes the graph's own gradient buffers each replay
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    if args.cuda_graph:
+        step = graphed(step, before_capture=lambda: optimizer.zero_grad(set_to_none=True))
     img_s, mem, finite = run_phase(step, args, device, args.batch_train)
     return {"train_img_s": img_s, "train_peak_gib": mem, "train_finite": finite}
 
@@ -258,6 +294,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"--cuda-graph needs a CUDA device, not {device}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -98,3 +98,9 @@ def test_error_is_recorded_and_run_goes_on():
     assert "deliberate failure" in failed["traceback"]
     assert ok["model"] == "test_vit" and ok["status"] == "ok" and ok["train_img_s"] > 0
     assert "infer_vs_swin_t" not in ok  # no Swin-T in this run: no ratio rather than a made-up one
+
+
+def test_cuda_graph_mode_refuses_a_cpu_device():
+    bench = load_bench()
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device, not cpu"):
+        bench.main([*TINY_ARGS, "--cuda-graph", "--models", "test_vit"])
