@@ -107,18 +107,29 @@ def llava_to_messages(conversations: Sequence[Mapping[str, Any]], system: str | 
 
 
 def _renderer(tokenizer: Any, chat_template: str | None) -> Callable[[list[dict], bool], str]:
+    """Render a prefix of one conversation; each (length, add_generation_prompt) is rendered once."""
+    seen: dict[tuple[int, bool], str] = {}
+
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                messages,
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-            )
-        except jinja2.TemplateError as err:
-            raise ValueError(f"chat template failed on the first {len(messages)} messages: {err}") from err
+        key = (len(messages), add_generation_prompt)
+        if key not in seen:
+            try:
+                seen[key] = tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                )
+            except jinja2.TemplateError as err:
+                failed = f"chat template failed on the first {len(messages)} messages: {err}"
+                raise ValueError(failed) from err
+        return seen[key]
 
     return render
+
+
+# Templates already seen to honour add_generation_prompt (checked once each, not once per conversation).
+_HONOURS_GENERATION_PROMPT: set[str] = set()
 
 
 def render_with_assistant_spans(
@@ -136,6 +147,8 @@ def render_with_assistant_spans(
     messages = [dict(message) for message in messages]
     render = _renderer(tokenizer, chat_template)
     text = render(messages, add_generation_prompt)
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", "")
+    template_key = str(template)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -150,11 +163,13 @@ def render_with_assistant_spans(
             )
         prompt = render(messages[:index], True)
         through_reply = render(messages[: index + 1], False)
-        if not spans and prompt == render(messages[:index], False):
-            raise ValueError(
-                "chat template ignores add_generation_prompt, so the assistant header can't be told apart "
-                "from the reply"
-            )
+        if not spans and template_key not in _HONOURS_GENERATION_PROMPT:
+            if prompt == render(messages[:index], False):
+                raise ValueError(
+                    "chat template ignores add_generation_prompt, so the assistant header can't be told "
+                    "apart from the reply"
+                )
+            _HONOURS_GENERATION_PROMPT.add(template_key)
         if not through_reply.startswith(prompt):
             at = _first_difference(prompt, through_reply)
             raise ValueError(
