@@ -3,7 +3,9 @@
 Same batch (32 ShapesWorld records, split branch layout, 2 length groups), same weights at the start; each
 variant changes only how the step computes: ``amp`` (bf16 autocast, the trainer's CPU default), ``fp32``,
 ``bf16w`` (bf16 weights, no autocast: the cost without per-op casts), ``eager`` (attention as matmul +
-softmax instead of the CPU flash kernel), ``cl`` (channels-last CNN). Run one variant per process, pinned:
+softmax instead of the CPU flash kernel), ``cl`` (channels-last CNN), ``compile`` (``eager`` with every
+decoder layer under ``torch.compile(dynamic=True)``; the first warm-up step's time, the compile, is reported
+as ``first_step_s``). Run one variant per process, pinned:
 
     OMP_NUM_THREADS=2 taskset -c 2,3 python bench/cpu_step_variants.py amp --json amp.json
 """
@@ -27,7 +29,7 @@ from quickstart_setup import quickstart_model  # noqa: E402
 from data.dataset import Collator, ConversationDataset  # noqa: E402
 from mm.train import MODEL_INPUTS  # noqa: E402
 
-VARIANTS = ("amp", "fp32", "bf16w", "eager", "cl")
+VARIANTS = ("amp", "fp32", "bf16w", "eager", "cl", "compile")
 
 
 def main() -> None:
@@ -51,14 +53,18 @@ def main() -> None:
     batches = [collate([ds[i] for i in range(32 * b, 32 * b + 32)]) for b in range(distinct)]
     inputs_list = [{k: v for k, v in b.items() if k in (*MODEL_INPUTS, "pixel_values")} for b in batches]
     v = args.variant
-    if v == "eager":
+    if v in ("eager", "compile"):
         model.llm.set_attn_implementation("eager")  # as train.attn_implementation does
+    if v == "compile":
+        layers = model.llm.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = torch.compile(layer, dynamic=True)
     if v == "bf16w":
         model.to(torch.bfloat16)
     if v == "cl":
         model.experts.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    amp = v in ("amp", "eager", "cl")
+    amp = v in ("amp", "eager", "cl", "compile")
 
     def step(inputs) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -69,8 +75,11 @@ def main() -> None:
         return float(loss)
 
     timed = inputs_list[args.warmup :] if distinct > 1 else inputs_list * args.iters
+    warmup_times = []
     for inputs in (inputs_list * args.warmup)[: args.warmup]:
+        t = time.perf_counter()
         step(inputs)
+        warmup_times.append(time.perf_counter() - t)
     times = []
     for inputs in timed:
         t = time.perf_counter()
@@ -87,6 +96,7 @@ def main() -> None:
         "median_s": statistics.median(times),
         "mean_s": statistics.mean(times),
         "times": times,
+        "first_step_s": warmup_times[0] if warmup_times else None,
         "token_slots_mean": statistics.mean(slots),
         "threads": torch.get_num_threads(),
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
