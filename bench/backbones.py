@@ -180,7 +180,8 @@ def graphed(step: Callable[[], torch.Tensor], before_capture: Callable[[], None]
     return replay
 
 
-def measure_inference(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def inference_step(name: str, res: int, args: argparse.Namespace, device: torch.device):
+    """The benchmark's inference step (bf16 weights, ``--batch-infer``) and the model's parameter count."""
     model = build(name, res, args, device).eval().to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     fn = torch.compile(model) if args.compile else model
@@ -192,11 +193,11 @@ def measure_inference(name: str, res: int, args: argparse.Namespace, device: tor
         return fn(x)
 
     step = graphed(forward) if args.cuda_graph else torch.inference_mode()(forward)
-    img_s, mem, finite = run_phase(step, args, device, args.batch_infer)
-    return {"params_m": params / 1e6, "infer_img_s": img_s, "infer_peak_gib": mem, "infer_finite": finite}
+    return step, params
 
 
-def measure_training(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def training_step(name: str, res: int, args: argparse.Namespace, device: torch.device):
+    """The benchmark's training step: bf16 autocast forward + backward + AdamW, ``--batch-train``."""
     model = build(name, res, args, device).train()
     fn = torch.compile(model) if args.compile else model
     fused = device.type == "cuda"
@@ -221,7 +222,17 @@ def measure_training(name: str, res: int, args: argparse.Namespace, device: torc
 
     if args.cuda_graph:
         step = graphed(step, before_capture=lambda: optimizer.zero_grad(set_to_none=True))
-    img_s, mem, finite = run_phase(step, args, device, args.batch_train)
+    return step
+
+
+def measure_inference(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    step, params = inference_step(name, res, args, device)
+    img_s, mem, finite = run_phase(step, args, device, args.batch_infer)
+    return {"params_m": params / 1e6, "infer_img_s": img_s, "infer_peak_gib": mem, "infer_finite": finite}
+
+
+def measure_training(name: str, res: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    img_s, mem, finite = run_phase(training_step(name, res, args, device), args, device, args.batch_train)
     return {"train_img_s": img_s, "train_peak_gib": mem, "train_finite": finite}
 
 

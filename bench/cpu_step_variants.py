@@ -74,17 +74,14 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    warmup = (inputs_list * args.warmup)[: args.warmup]
     timed = inputs_list[args.warmup :] if distinct > 1 else inputs_list * args.iters
-    warmup_times = []
-    for inputs in (inputs_list * args.warmup)[: args.warmup]:
+    all_times = []
+    for inputs in warmup + timed:
         t = time.perf_counter()
         step(inputs)
-        warmup_times.append(time.perf_counter() - t)
-    times = []
-    for inputs in timed:
-        t = time.perf_counter()
-        step(inputs)
-        times.append(time.perf_counter() - t)
+        all_times.append(time.perf_counter() - t)
+    warmup_times, times = all_times[: len(warmup)], all_times[len(warmup) :]
     slots = [
         int(b["input_ids"].numel()) + sum((e - s) * n for s, e, n in b["branch_groups"])
         for b in (batches[args.warmup :] if distinct > 1 else batches)

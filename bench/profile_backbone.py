@@ -1,8 +1,8 @@
 """Where one backbone step spends its GPU time: the top kernels of a bf16 training or inference step.
 
-Same set-up as ``bench/backbones.py`` (channels-last, bf16 weights for inference, bf16 autocast + fused AdamW
-for training). Prints, per model and phase, the wall time and summed kernel time per step, the kernel count,
-and the kernels with the most GPU time; ``--json`` keeps the rows.
+The steps are ``bench/backbones.py``'s own (channels-last, bf16 weights for inference, bf16 autocast + fused
+AdamW for training, no compile or CUDA graph). Prints, per model and phase, the wall time and summed kernel
+time per step, the kernel count, and the kernels with the most GPU time; ``--json`` keeps the rows.
 
     python bench/profile_backbone.py cswin_tiny_224 swin_tiny_patch4_window7_224 --phase train --json p.json
 """
@@ -11,53 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from backbones import inference_step, parse_args, training_step  # run as a script: bench/ is on sys.path
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import timm  # noqa: E402
-
-import vision  # noqa: E402,F401  (registers our backbones with timm)
-
-
-def step_fn(name: str, phase: str, batch: int, res: int, device: torch.device):
-    model = timm.create_model(name, pretrained=False).to(device).to(memory_format=torch.channels_last)
-    if phase == "infer":
-        model = model.eval().to(torch.bfloat16)
-        x = torch.randn(batch, 3, res, res, device=device, dtype=torch.bfloat16)
-        x = x.contiguous(memory_format=torch.channels_last)
-
-        @torch.inference_mode()
-        def step():
-            return model(x)
-
-        return step
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 def profile_model(name: str, phase: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     batch = args.batch or (128 if phase == "infer" else 64)
-    step = step_fn(name, phase, batch, args.res, device)
+    bench_args = parse_args(["--batch-infer", str(batch), "--batch-train", str(batch)])
+    if phase == "infer":
+        step, _ = inference_step(name, args.res, bench_args, device)
+    else:
+        step = training_step(name, args.res, bench_args, device)
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize(device)

@@ -9,6 +9,7 @@ weights without calling it needs them registered as external parameters. Prints 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import traceback
@@ -24,9 +25,7 @@ import vision  # noqa: E402,F401
 
 
 def check(name: str) -> str:
-    import copy
-
-    import deepspeed
+    import deepspeed  # only this check needs it
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, drop_path_rate=0.0)
