@@ -8,6 +8,14 @@ Swin-B for the B-size models) at the same resolution and writes JSON with the en
 
     python bench/backbones.py --device cuda --json bench/backbones.json
     python bench/backbones.py --device cuda --cuda-graph --json bench/backbones_graphed.json
+    python bench/backbones.py --device cuda --rounds 5 --high-res 0 --json bench/backbones_rounds.json
+
+``--rounds R`` (R > 1) interleaves the models instead of measuring them one after another: all of a
+resolution's models are built and warmed up, then R rounds time every model for ``--iters`` steps each (the
+order rotates per round). Speeds are medians over rounds and ratios are medians of the per-round ratios, so a
+drift in the host's speed during the run (eager training at 224 is bound by the host's per-op cost) hits the
+model and its baseline alike. Peak memory is then each model's own (allocated during its warm-up, above what
+was allocated before it was built).
     python bench/backbones.py --device cpu --batch-infer 2 --batch-train 2 --iters 1 --warmup 0 \\
         --models cswin_tiny_224,swin_tiny_patch4_window7_224
 """
@@ -19,6 +27,7 @@ import datetime
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -71,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "every model: measures the GPU work without the host's per-launch overhead",
     )
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW inputs and weights")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="> 1: interleave the models, R rounds of --iters steps each; medians over rounds",
+    )
     p.add_argument("--json", type=Path, default=None, help="write results here")
     return p.parse_args(argv)
 
@@ -258,6 +273,57 @@ def measure(name: str, res: int, args: argparse.Namespace, device: torch.device)
     return row
 
 
+PHASES = {"infer": (lambda *a: inference_step(*a)[0], "batch_infer"), "train": (training_step, "batch_train")}
+
+
+def interleaved(names: list[str], res: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Rows for ``names`` at ``res``, each phase timed in ``--rounds`` interleaved rounds (module docstring).
+
+    Per-round ratios against Swin-T go in the rows as ``{phase}_vs_swin_t_rounds``; ``add_ratios`` takes
+    their median."""
+    rows = {name: {"model": name, "res": res, "status": "ok"} for name in names}
+    for name, row in rows.items():
+        if not timm.is_model(name):
+            row["status"] = "missing"
+        else:
+            row["params_m"] = sum(p.numel() for p in build(name, res, args, "meta").parameters()) / 1e6
+    for phase, (make_step, batch_key) in PHASES.items():
+        batch, steps = getattr(args, batch_key), {}
+        for name, row in rows.items():
+            if row["status"] != "ok":
+                continue
+            try:
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                release(device)
+                step = make_step(name, res, args, device)
+                out = None
+                for _ in range(max(args.warmup, 1)):
+                    out = step()
+                row[f"{phase}_finite"] = bool(torch.isfinite(out).all())
+                mem = peak_gib(device)
+                row[f"{phase}_peak_gib"] = None if mem is None else mem - before / 2**30
+                steps[name] = step
+            except Exception as exc:  # noqa: BLE001  (record and go on with the other models)
+                row["status"] = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+                row["error"] = f"{phase}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        speeds: dict[str, list[float]] = {name: [] for name in steps}
+        order = list(steps)
+        for r in range(args.rounds if order else 0):
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                with Timer(device) as timer:
+                    for _ in range(args.iters):
+                        steps[name]()
+                speeds[name].append(batch * args.iters / timer.seconds)
+        for name, values in speeds.items():
+            rows[name][f"{phase}_img_s"] = statistics.median(values)
+            rows[name][f"{phase}_img_s_rounds"] = values
+            if SWIN_T in speeds:
+                rows[name][f"{phase}_vs_swin_t_rounds"] = [v / b for v, b in zip(values, speeds[SWIN_T])]
+        del steps
+        release(device)
+    return list(rows.values())
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Throughput ratios against Swin-T (all) and Swin-B (B-size models) at the same resolution."""
     by_key = {(r["model"], r["res"]): r for r in rows}
@@ -266,7 +332,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         for tag, ref_name in refs.items():
             ref = by_key.get((ref_name, row["res"]))
             for metric in ("infer_img_s", "train_img_s"):
-                if ref and row.get(metric) and ref.get(metric):
+                per_round = row.get(f"{metric.split('_')[0]}_vs_{tag}_rounds")
+                if per_round:  # interleaved rounds: the median of the per-round ratios
+                    row[f"{metric.split('_')[0]}_vs_{tag}"] = statistics.median(per_round)
+                elif ref and row.get(metric) and ref.get(metric):
                     row[f"{metric.split('_')[0]}_vs_{tag}"] = row[metric] / ref[metric]
 
 
@@ -312,7 +381,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     rows = []
-    for name, res in plan(args):
+    if args.rounds > 1:
+        for res in dict.fromkeys(res for _, res in plan(args)):
+            rows += interleaved([name for name, r in plan(args) if r == res], res, args, device)
+            print(f"[{len(rows)}] rounds at {res} done", file=sys.stderr, flush=True)
+    for name, res in plan(args) if args.rounds <= 1 else []:
         row = measure(name, res, args, device)
         rows.append(row)
         speeds = {k: row[k] for k in ("infer_img_s", "train_img_s") if row.get(k) is not None}

@@ -1,8 +1,9 @@
 """Where one backbone step spends its GPU time: the top kernels of a bf16 training or inference step.
 
 The steps are ``bench/backbones.py``'s own (channels-last, bf16 weights for inference, bf16 autocast + fused
-AdamW for training, no compile or CUDA graph). Prints, per model and phase, the wall time and summed kernel
-time per step, the kernel count, and the kernels with the most GPU time; ``--json`` keeps the rows.
+AdamW for training, no CUDA graph; ``--compile``: torch.compile, as ``backbones.py --compile``). Prints, per
+model and phase, the wall time and summed kernel time per step, the kernel count, and the kernels with the
+most GPU time; ``--json`` keeps the rows.
 
     python bench/profile_backbone.py cswin_tiny_224 swin_tiny_patch4_window7_224 --phase train --json p.json
 """
@@ -22,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 def profile_model(name: str, phase: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     batch = args.batch or (128 if phase == "infer" else 64)
-    bench_args = parse_args(["--batch-infer", str(batch), "--batch-train", str(batch)])
+    compile_flag = ["--compile"] if args.compile else []
+    bench_args = parse_args(["--batch-infer", str(batch), "--batch-train", str(batch), *compile_flag])
     if phase == "infer":
         step, _ = inference_step(name, args.res, bench_args, device)
     else:
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--host", action="store_true", help="also profile the host side (CPU time per op)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (backbones.py --compile)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = torch.device("cuda")

@@ -104,3 +104,31 @@ def test_cuda_graph_mode_refuses_a_cpu_device():
     bench = load_bench()
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device, not cpu"):
         bench.main([*TINY_ARGS, "--cuda-graph", "--models", "test_vit"])
+
+
+def test_interleaved_rounds_report_medians_and_record_failures():
+    """--rounds: every model is timed once per round; speeds and ratios are medians over the rounds."""
+    bench = load_bench()
+    models = f"test_vit,bench_test_fails_in_forward,no_such_model,{bench.SWIN_T}"
+    args = ["--device", "cpu", "--batch-infer", "1", "--batch-train", "1", "--iters", "1", "--warmup", "0"]
+    report = bench.main([*args, "--rounds", "3", "--high-res", "0", "--models", models])
+    rows = {r["model"]: r for r in report["results"]}
+    assert list(rows) == models.split(",")
+    vit, failed, swin = rows["test_vit"], rows["bench_test_fails_in_forward"], rows[bench.SWIN_T]
+    assert rows["no_such_model"] == {"model": "no_such_model", "res": 224, "status": "missing"}
+    assert failed["status"] == "error"
+    assert failed["error"] == "infer: RuntimeError: deliberate failure in forward"
+    assert "infer_img_s" not in failed and "train_img_s" not in failed
+    for row in (vit, swin):
+        assert row["status"] == "ok" and row["infer_finite"] and row["train_finite"]
+        for phase in ("infer", "train"):
+            rounds = row[f"{phase}_img_s_rounds"]
+            assert len(rounds) == 3 and min(rounds) > 0
+            assert row[f"{phase}_img_s"] == sorted(rounds)[1]
+    built = bench.build("test_vit", 224, bench.parse_args([]), "meta")
+    assert vit["params_m"] == pytest.approx(sum(p.numel() for p in built.parameters()) / 1e6)
+    for phase in ("infer", "train"):
+        per_round = [v / s for v, s in zip(vit[f"{phase}_img_s_rounds"], swin[f"{phase}_img_s_rounds"])]
+        assert vit[f"{phase}_vs_swin_t_rounds"] == pytest.approx(per_round)
+        assert vit[f"{phase}_vs_swin_t"] == pytest.approx(sorted(per_round)[1])
+        assert swin[f"{phase}_vs_swin_t"] == 1.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models._features import feature_take_indices
@@ -56,4 +59,58 @@ def layer_norm_keep_dtype(
             weight = None if weight is None else weight.to(x.dtype)
             bias = None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    if weight is not None and weight.dtype != x.dtype:  # e.g. weights cast for a 16-bit stream, fp32 input
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+# layer name -> (weight, bias) as a block computes with them
+Weights = dict[str, tuple[Tensor | None, Tensor | None]]
+
+
+class _CastTogether(torch.autograd.Function):
+    """Cast fp32 tensors to ``dtype`` with one ``cat`` + one cast, and their gradients back the same way.
+
+    A custom Function: one autograd node instead of the views, ``cat``, casts and splits of the plain ops.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.shapes = [t.shape for t in tensors]
+        flat = torch.cat([_flat(t) for t in tensors]).to(dtype)
+        return _unflat(flat, ctx.shapes)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *_unflat(torch.cat([_flat(g) for g in grads]).float(), ctx.shapes))
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def _unflat(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
+    pieces = flat.split([s.numel() for s in shapes])
+    return tuple(p if len(s) == 1 else p.view(s) for p, s in zip(pieces, shapes))
+
+
+def cast_weights_together(groups: Sequence[dict[str, nn.Module | None]], x: Tensor) -> list[Weights]:
+    """Per group, ``name -> (weight, bias)`` of its layers; under autocast all cast to its dtype together.
+
+    Autocast casts every fp32 parameter on its own: one kernel forward and one for its gradient backward,
+    about 20-30 per block, and eager training at small sizes is bound by such per-op host cost. One
+    ``_CastTogether`` does the same for a whole stage in a few ops; values and gradients are identical. The
+    layers then run functionally on the result. Without autocast the parameters themselves are returned.
+    """
+    pairs = [{name: (m.weight, m.bias) for name, m in group.items() if m is not None} for group in groups]
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return pairs
+    tensors = [t for group in pairs for pair in group.values() for t in pair if t is not None]
+    if len(tensors) < 3 or any(t.dtype != torch.float32 for t in tensors):
+        return pairs  # nothing to gain, or not what autocast would cast
+    cast = iter(_CastTogether.apply(torch.get_autocast_dtype(device), *tensors))
+    return [
+        {name: tuple(None if t is None else next(cast) for t in pair) for name, pair in g.items()}
+        for g in pairs
+    ]

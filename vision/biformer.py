@@ -28,9 +28,9 @@ How this implementation differs from the official code (same numbers, different 
   224, where the official per-region matmuls are tiny) and ``gather`` otherwise (stage 1). Same results.
 * Routing pools the whole ``qkv`` map per region (one ``avg_pool2d``, as the official mean of q and k) and
   leaves out the positive scale of the region logits (the top k do not depend on it).
-* Under autocast each stage casts all its weights with one ``cat`` + cast (``_CastTogether``) instead of
-  autocast's cast per parameter, and the layers run functionally on them: about 30 fewer kernel launches per
-  block in training, same values and gradients.
+* Under autocast each stage casts all its weights with one ``cat`` + cast (``cast_weights_together``)
+  instead of autocast's cast per parameter, and the layers run functionally on them: about 30 fewer kernel
+  launches per block in training, same values and gradients.
 * Index tensors depend only on the input size; they are cached per size and device.
 * Under autocast, LayerNorm keeps bf16/fp16 activations in their dtype (statistics are fp32 inside the
   kernel) instead of emitting fp32 that the next Linear casts back.
@@ -65,7 +65,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -217,60 +217,6 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Weights in the compute dtype
-
-# layer name -> (weight, bias) as the block computes with them
-Weights = dict[str, tuple[Tensor | None, Tensor | None]]
-
-
-class _CastTogether(torch.autograd.Function):
-    """Cast fp32 tensors to ``dtype`` with one ``cat`` + one cast, and their gradients back the same way.
-
-    A custom Function: one autograd node instead of the views, ``cat``, casts and splits of the plain ops.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.shapes = [t.shape for t in tensors]
-        flat = torch.cat([_flat(t) for t in tensors]).to(dtype)
-        return _unflat(flat, ctx.shapes)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *_unflat(torch.cat([_flat(g) for g in grads]).float(), ctx.shapes))
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t if t.dim() == 1 else t.reshape(-1)
-
-
-def _unflat(flat: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
-    pieces = flat.split([s.numel() for s in shapes])
-    return tuple(p if len(s) == 1 else p.view(s) for p, s in zip(pieces, shapes))
-
-
-def _cast_weights(groups: Sequence[dict[str, nn.Module | None]], x: Tensor) -> list[Weights]:
-    """Per group, ``name -> (weight, bias)`` of its layers; under autocast all cast to its dtype together.
-
-    Autocast casts every fp32 parameter on its own: one kernel forward and one for its gradient backward,
-    about 30 per block. ``_CastTogether`` does the same in four for a whole stage; values and gradients are
-    identical. Without autocast the parameters themselves are returned.
-    """
-    pairs = [{name: (m.weight, m.bias) for name, m in group.items() if m is not None} for group in groups]
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return pairs
-    tensors = [t for group in pairs for pair in group.values() for t in pair if t is not None]
-    if len(tensors) < 3 or any(t.dtype != torch.float32 for t in tensors):
-        return pairs  # nothing to gain, or not what autocast would cast
-    cast = iter(_CastTogether.apply(torch.get_autocast_dtype(device), *tensors))
-    return [
-        {name: tuple(None if t is None else next(cast) for t in pair) for name, pair in g.items()}
-        for g in pairs
-    ]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -310,7 +256,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: floa
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with LePE on ``v`` (stages 1-3); ``[B, H, W, C]`` in and out.
 
-    ``weights`` (from the stage, see ``_cast_weights``) holds ``qkv``, ``lepe``, ``proj``; default: own.
+    ``weights`` (from the stage, see ``cast_weights_together``) holds ``qkv``, ``lepe``, ``proj``; default:
+    own.
     """
 
     fused_attn: torch.jit.Final[bool]
@@ -366,7 +313,7 @@ class BiLevelRoutingAttention(nn.Module):
         return logits.topk(min(self.topk, grid.num_regions), dim=-1, sorted=False).indices
 
     def forward(self, x: Tensor, grid: RegionGrid, weights: Weights | None = None) -> Tensor:
-        w = _cast_weights([self.layers()], x)[0] if weights is None else weights
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
         qkv = F.linear(x, *w["qkv"])  # [B, H, W, 2 qk + C]
         if self.topk >= grid.num_regions:  # every region is routed: plain attention
             return self._dense(qkv, grid, None, w)
@@ -449,7 +396,7 @@ class GlobalAttention(nn.Module):
         return {"qkv": self.qkv, "lepe": self.lepe, "proj": self.proj}
 
     def forward(self, x: Tensor, grid: RegionGrid | None = None, weights: Weights | None = None) -> Tensor:
-        w = _cast_weights([self.layers()], x)[0] if weights is None else weights
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
         batch, height, width, channels = x.shape
         qkv = F.linear(x, *w["qkv"]).view(batch, height * width, 3 * channels)
         # split, not select: its backward is one cat instead of three zero-filled copies
@@ -464,7 +411,8 @@ class GlobalAttention(nn.Module):
 class BiFormerBlock(nn.Module):
     """``x += dwconv(x)``; ``x += attn(norm1(x))``; ``x += mlp(norm2(x))`` on ``[B, H, W, C]`` tokens.
 
-    The layers run functionally on ``weights`` from ``_cast_weights`` (the stage casts all its blocks').
+    The layers run functionally on ``weights`` from ``cast_weights_together`` (the stage casts all its
+    blocks').
     """
 
     def __init__(
@@ -498,7 +446,7 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, grid: RegionGrid | None, weights: Weights | None = None) -> Tensor:
         mlp = self.mlp
-        w = _cast_weights([self.layers()], x)[0] if weights is None else weights
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
         if self.pos_embed is not None:
             x = x + _dwconv(x, *w["pos_embed"])
         x = x + self.drop_path1(self.attn(layer_norm_keep_dtype(x, self.norm1, *w["norm1"]), grid, w))
@@ -518,7 +466,7 @@ class Stem(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = _cast_weights([{"conv1": self.conv1, "conv2": self.conv2}], x)[0]
+        w = cast_weights_together([{"conv1": self.conv1, "conv2": self.conv2}], x)[0]
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.act(self.norm1(F.conv2d(x, *w["conv1"], stride=2, padding=1)))
         return self.norm2(F.conv2d(x, *w["conv2"], stride=2, padding=1)).permute(0, 2, 3, 1)
@@ -589,9 +537,11 @@ class BiFormerStage(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        # one cast of the whole stage's weights under autocast (see _cast_weights); else the parameters
+        # one cast of the whole stage's weights under autocast (cast_weights_together); else the parameters
         down = self.downsample if isinstance(self.downsample, Downsample) else None
-        weights = _cast_weights([down.layers() if down else {}, *(b.layers() for b in self.blocks)], x)
+        weights = cast_weights_together(
+            [down.layers() if down else {}, *(b.layers() for b in self.blocks)], x
+        )
         x = down(x, weights[0]) if down else self.downsample(x)
         grid = RegionGrid.for_size(x.shape[1], x.shape[2], self.n_win) if self.routed else None
         for block, w in zip(self.blocks, weights[1:]):

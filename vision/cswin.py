@@ -22,6 +22,11 @@ How this implementation differs from the official code (same numbers, different 
   ``scaled_dot_product_attention`` call and **one** depthwise LePE conv (non-square maps: one call per
   branch). Attention is invariant to the order of tokens inside a stripe, so the transposition changes
   nothing but the layout; it costs one copy of ``qkv`` in and one copy of the output back.
+* Under autocast each stage casts all its weights with one ``cat`` + cast (``cast_weights_together``) and
+  the layers run functionally on them, instead of autocast's cast per parameter (about 10 casts forward and
+  10 backward per block; eager training at 224 is bound by such per-op host cost). LayerNorms keep bf16/fp16
+  tokens in their dtype (fp32 statistics inside the kernel), so the token stream between blocks is 16-bit
+  under autocast, as in pure bf16 training, instead of fp32 that every Linear casts back.
 * Weight layout: the two LePE convs are stored as one conv ``attn.lepe`` of ``C`` channels; the branch-0 half
   holds the official kernels transposed (it acts on the transposed map). ``checkpoint_filter_fn`` converts
   official state dicts and ``to_official_state_dict`` converts back.
@@ -53,7 +58,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._stages import prune_stages, unwrap_checkpoint
+from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = [
@@ -188,12 +193,12 @@ class CSWinAttention(nn.Module):
         lepe = F.conv2d(v.reshape(bs, *hw, c).permute(0, 3, 1, 2), weight, bias, padding=1, groups=c)
         return out + lepe.permute(0, 2, 3, 1).reshape(bs, n, heads, d)
 
-    def _full(self, qkv: Tensor, b: int, h: int, w: int) -> Tensor:
+    def _full(self, qkv: Tensor, b: int, h: int, w: int, lepe: tuple[Tensor, Tensor | None]) -> Tensor:
         heads, c = self.heads_per_branch, self.dim
         q, k, v = qkv.view(b, h * w, 3, heads, c // heads).unbind(2)
-        return self._attend_with_lepe(q, k, v, (h, w), self.lepe.weight, self.lepe.bias, None).reshape(-1, c)
+        return self._attend_with_lepe(q, k, v, (h, w), *lepe, None).reshape(-1, c)
 
-    def _cross(self, qkv: Tensor, b: int, h: int, w: int) -> Tensor:
+    def _cross(self, qkv: Tensor, b: int, h: int, w: int, lepe: tuple[Tensor, Tensor | None]) -> Tensor:
         split, heads, c, half = self.split_size, self.heads_per_branch, self.dim, self.dim // 2
         hp, wp = _ceil_to(h, split), _ceil_to(w, split)
         padded = (hp, wp) != (h, w)
@@ -201,7 +206,7 @@ class CSWinAttention(nn.Module):
             qkv = F.pad(qkv.view(b, h, w, 3 * c), (0, 0, 0, wp - w, 0, hp - h))
         fused = self.fuse_branches and hp == wp
         masks = _key_mask(b, h, w, split, heads, fused, qkv.dtype, qkv.device) if padded else (None, None)
-        weight, bias = self.lepe.weight, self.lepe.bias
+        weight, bias = lepe
         # unbind, not indexing: its backward is one stack, where each index would zero-fill a gradient
         part0, part1 = qkv.view(b, hp, wp, 3, 2, half).unbind(4)
         # [3, B, Wp, Hp, C'] (transposed map) and [3, B, Hp, Wp, C']: stripes are `split` rows of either map
@@ -225,15 +230,31 @@ class CSWinAttention(nn.Module):
         # split above makes its backward such a cat as well
         return torch.cat([y0, y1], dim=-1).view(-1, c)
 
-    def forward(self, x: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers with weights, by the names ``forward`` looks them up in ``weights``."""
+        return {"qkv": self.qkv, "lepe": self.lepe, "proj": self.proj}
+
+    def forward(
+        self, x: Tensor, size: tuple[int, int, int] | None = None, weights: Weights | None = None
+    ) -> Tensor:
         """``x``: a map ``[B, H, W, C]``, or its tokens as rows ``[B * H * W, C]`` with ``size = (B, H, W)``
-        (how blocks call it: Linear on 2-D input needs no reshapes); the output has the layout of ``x``."""
+        (how blocks call it: Linear on 2-D input needs no reshapes); the output has the layout of ``x``.
+        ``weights``: the ``layers()``' weights as computed with (see ``CSWinStage``); default: own."""
         if size is None:
             b, h, w, c = x.shape
-            return self.forward(x.reshape(-1, c), (b, h, w)).view(b, h, w, c)
-        qkv = self.qkv(x)
-        out = self._full(qkv, *size) if self.full_attention else self._cross(qkv, *size)
-        return self.proj_drop(self.proj(out))
+            return self.forward(x.reshape(-1, c), (b, h, w), weights).view(b, h, w, c)
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        qkv = F.linear(x, *w["qkv"])
+        attend = self._full if self.full_attention else self._cross
+        return self.proj_drop(F.linear(attend(qkv, *size, w["lepe"]), *w["proj"]))
+
+
+def _norm(x: Tensor, norm: nn.Module, weights: tuple[Tensor | None, Tensor | None]) -> Tensor:
+    """``norm`` with ``weights``: a LayerNorm keeps bf16/fp16 activations in their dtype under autocast
+    (statistics stay fp32 inside the kernel), so the next Linear needs no cast back."""
+    if isinstance(norm, nn.LayerNorm):
+        return layer_norm_keep_dtype(x, norm, *weights)
+    return norm(x)
 
 
 class CSWinBlock(nn.Module):
@@ -269,14 +290,27 @@ class CSWinBlock(nn.Module):
             return x + y
         return x + drop_path(y.view(batch, -1, y.shape[-1])).view_as(y)
 
-    def forward(self, x: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers with weights, by the names ``forward`` (and the attention) look them up."""
+        return dict(
+            norm1=self.norm1, norm2=self.norm2, fc1=self.mlp.fc1, fc2=self.mlp.fc2, **self.attn.layers()
+        )
+
+    def forward(
+        self, x: Tensor, size: tuple[int, int, int] | None = None, weights: Weights | None = None
+    ) -> Tensor:
         """``x``: ``[B, H, W, C]``, or token rows ``[B * H * W, C]`` with ``size = (B, H, W)`` (as stages call
-        it, saving the reshapes around every Linear); the output has the layout of ``x``."""
+        it, saving the reshapes around every Linear); the output has the layout of ``x``. ``weights``: the
+        layers' weights as computed with, cast together by the stage under autocast; default: own."""
         if size is None:
             b, h, w, c = x.shape
-            return self.forward(x.reshape(-1, c), (b, h, w)).view(b, h, w, c)
-        x = self._residual(x, self.attn(self.norm1(x), size), self.drop_path1, size[0])
-        return self._residual(x, self.mlp(self.norm2(x)), self.drop_path2, size[0])
+            return self.forward(x.reshape(-1, c), (b, h, w), weights).view(b, h, w, c)
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        mlp = self.mlp
+        attn = self.attn(_norm(x, self.norm1, w["norm1"]), size, w)
+        x = self._residual(x, attn, self.drop_path1, size[0])
+        h = mlp.drop1(mlp.act(F.linear(_norm(x, self.norm2, w["norm2"]), *w["fc1"])))
+        return self._residual(x, mlp.drop2(F.linear(mlp.norm(h), *w["fc2"])), self.drop_path2, size[0])
 
 
 class ConvStem(nn.Module):
@@ -288,7 +322,8 @@ class ConvStem(nn.Module):
         self.norm = norm_layer(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+        # bf16/fp16 tokens stay so under autocast: the residual stream and every norm read half the bytes
+        return _norm(self.conv(x).permute(0, 2, 3, 1), self.norm, (self.norm.weight, self.norm.bias))
 
 
 class MergeBlock(nn.Module):
@@ -299,8 +334,13 @@ class MergeBlock(nn.Module):
         self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
         self.norm = norm_layer(out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    def layers(self) -> dict[str, nn.Module]:
+        return {"conv": self.conv, "norm": self.norm}
+
+    def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        x = F.conv2d(x.permute(0, 3, 1, 2), *w["conv"], stride=2, padding=1)
+        return _norm(x.permute(0, 2, 3, 1), self.norm, w["norm"])
 
 
 class CSWinStage(nn.Module):
@@ -336,14 +376,20 @@ class CSWinStage(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
+        # one cast of the whole stage's weights under autocast (cast_weights_together); else the parameters
+        down = self.downsample if isinstance(self.downsample, MergeBlock) else None
+        weights = cast_weights_together(
+            [down.layers() if down else {}, *(b.layers() for b in self.blocks)], x
+        )
+        x = down(x, weights[0]) if down else x
         b, h, w, c = x.shape
         x = x.reshape(-1, c)  # blocks pass token rows [B * H * W, C] along
-        for block in self.blocks:
+        for block, block_weights in zip(self.blocks, weights[1:]):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, (b, h, w))
+                # non-reentrant: gradients reach the cast weights passed in (not a positional tensor)
+                x = checkpoint(block, x, (b, h, w), block_weights, use_reentrant=False)
             else:
-                x = block(x, (b, h, w))
+                x = block(x, (b, h, w), block_weights)
         return x.view(b, h, w, c)
 
 

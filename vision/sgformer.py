@@ -51,7 +51,9 @@ HSA halves return to the map with one stack; attention outputs join the lepe ter
 sequences (index from one sort and one gather through a cached table; custom backward: gather through the
 inverse permutation, no atomics) and merged by one GEMM with the (T, N) merge matrix built from the f weights
 (per-part GEMVs for large inputs); GroupNorm(1, C) has a hand-derived backward; activations stay
-channels-last (B, H, W, C) end to end. Index plans are cached per size.
+channels-last (B, H, W, C) end to end. Index plans are cached per size. Under autocast each stage casts its
+blocks' projection and conv weights with one ``cat`` + cast (``cast_weights_together``; the layers run
+functionally on them) instead of autocast's cast per parameter, forward and backward.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from ._stages import layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -95,9 +97,12 @@ def _amp_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Run ``conv`` on a (B, H, W, C) tensor through its channels-last NCHW view; returns (B, H', W', C')."""
-    out = F.conv2d(x.permute(0, 3, 1, 2), conv.weight, bias, conv.stride, conv.padding, 1, conv.groups)
+def _conv_nhwc(
+    x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run ``conv``'s geometry with ``weight`` / ``bias`` (its own, or cast copies) on a (B, H, W, C) tensor
+    through its channels-last NCHW view; returns (B, H', W', C')."""
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, conv.stride, conv.padding, 1, conv.groups)
     return out.permute(0, 2, 3, 1)
 
 
@@ -306,11 +311,15 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=0.02))
         self.bias = nn.Parameter(torch.zeros(bias_features)) if bias_features else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        if bias is not None and bias.shape[0] != self.weight.shape[0]:
-            bias = F.pad(bias, (self.weight.shape[0] - bias.shape[0], 0))
-        return F.linear(x, self.weight, bias)
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """With ``weight`` / ``bias`` (cast parameter copies, see ``cast_weights_together``), or own."""
+        if weight is None:
+            weight, bias = self.weight, self.bias
+        if bias is not None and bias.shape[0] != weight.shape[0]:
+            bias = F.pad(bias, (weight.shape[0] - bias.shape[0], 0))
+        return F.linear(x, weight, bias)
 
 
 class StackedLinear(nn.Module):
@@ -324,12 +333,17 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (count, M, in) -> (count, M, out)
         return self.forward_transposed(x).transpose(1, 2)
 
-    def forward_transposed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_transposed(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(count, M, in) -> (count, out, M). Computed as W @ x^T, so the weight gradient comes out in the
-        weight's own layout (x @ W^T would hand AccumulateGrad a transposed gradient to copy)."""
-        if self.bias is None:
-            return torch.bmm(self.weight, x.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, x.transpose(1, 2))
+        weight's own layout (x @ W^T would hand AccumulateGrad a transposed gradient to copy). ``weight`` /
+        ``bias``: cast copies of the parameters (see ``cast_weights_together``); default: own."""
+        if weight is None:
+            weight, bias = self.weight, self.bias
+        if bias is None:
+            return torch.bmm(weight, x.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2))
 
 
 class GroupNorm1(nn.Module):
@@ -358,7 +372,8 @@ class ConvNorm(nn.Module):
         self.pointwise = kernel == 1 and stride == 1 and groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.linear(x, self.conv.weight.flatten(1)) if self.pointwise else _conv_nhwc(x, self.conv)
+        weight = self.conv.weight
+        x = F.linear(x, weight.flatten(1)) if self.pointwise else _conv_nhwc(x, self.conv, weight)
         return self.norm(x)
 
 
@@ -404,10 +419,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        h = F.gelu(_conv_nhwc(h, self.dwconv, self.dwconv.bias) + h)  # out of place: no CopySlices backward
-        return self.drop(self.fc2(self.drop(h)))
+    def layers(self) -> dict[str, nn.Module]:
+        return {"fc1": self.fc1, "dwconv": self.dwconv, "fc2": self.fc2}
+
+    def forward(self, x: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        h = F.linear(x, *w["fc1"])
+        h = F.gelu(_conv_nhwc(h, self.dwconv, *w["dwconv"]) + h)  # out of place: no CopySlices backward
+        return self.drop(F.linear(self.drop(h), *w["fc2"]))
 
 
 class _AttentionBase(nn.Module):
@@ -428,12 +447,19 @@ class _AttentionBase(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def _finish(self, lepe_in: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers with weights, by the names ``forward`` looks them up in its ``weights``."""
+        return {"in_proj": self.in_proj, "lepe_conv": self.lepe_conv, "proj": self.proj}
+
+    def _weights(self, x: torch.Tensor, weights: Weights | None) -> Weights:
+        return cast_weights_together([self.layers()], x)[0] if weights is None else weights
+
+    def _finish(self, lepe_in: torch.Tensor, attn: torch.Tensor, w: Weights) -> torch.Tensor:
         """proj(lepe_conv(lepe_in) + attn); ``attn`` is the (B, H, W, C) map or a (B, N, heads, d) view of it
         (any strides). One out-of-place add: adding into slices of the lepe buffer in place costs autograd
         CopySlices copies in the backward, and reshaping ``attn`` first could cost a copy."""
-        lepe = _conv_nhwc(lepe_in, self.lepe_conv, self.lepe_conv.bias)
-        return self.proj_drop(self.proj((lepe.reshape(attn.shape) + attn).reshape(lepe.shape)))
+        lepe = _conv_nhwc(lepe_in, self.lepe_conv, *w["lepe_conv"])
+        return self.proj_drop(F.linear((lepe.reshape(attn.shape) + attn).reshape(lepe.shape), *w["proj"]))
 
     @property
     def _dropout_p(self) -> float:
@@ -456,7 +482,12 @@ class HybridScaleAttention(_AttentionBase):
         self.sr_norm = nn.LayerNorm(dim)  # official: default eps 1e-5
         self.global_kv = nn.Linear(dim, dim, bias=qkv_bias)
 
-    def forward(self, x: torch.Tensor, significance: torch.Tensor | None = None):
+    def layers(self) -> dict[str, nn.Module]:
+        return dict(super().layers(), sr=self.sr, sr_norm=self.sr_norm, global_kv=self.global_kv)
+
+    def forward(
+        self, x: torch.Tensor, significance: torch.Tensor | None = None, weights: Weights | None = None
+    ):
         B, H, W, C = x.shape
         if self.num_heads % 2:
             raise ValueError(
@@ -465,13 +496,15 @@ class HybridScaleAttention(_AttentionBase):
             )
         heads, d, half, n = self.num_heads // 2, self.head_dim, C // 2, H * W
         # split, not slicing: the backward joins the three gradients with one cat
-        q1, qkv2, lepe_in = self.in_proj(x).split((half, 3 * half, C), -1)
+        w = self._weights(x, weights)
+        q1, qkv2, lepe_in = self.in_proj(x, *w["in_proj"]).split((half, 3 * half, C), -1)
 
         # global branch: queries are a strided view of `packed`, keys come from the sr-reduced map
         q1 = q1.reshape(B, n, heads, d).transpose(1, 2)
-        reduced, (hg, wg) = self._reduce(x)
+        reduced, (hg, wg) = self._reduce(x, w)
         # unbind where k and v sit side by side: the backward stacks their gradients straight into place
-        k1, v1 = (t.transpose(1, 2) for t in self.global_kv(reduced).view(B, hg * wg, 2, heads, d).unbind(2))
+        kv1 = F.linear(reduced, *w["global_kv"]).view(B, hg * wg, 2, heads, d)
+        k1, v1 = (t.transpose(1, 2) for t in kv1.unbind(2))
         x1, p1 = _attention(q1, k1, v1, self.scale, self.fused_attn, self._dropout_p, with_probs=True)
         global_sig = _mean_heads_then_queries(p1, head_dim=1).view(B, hg, 1, wg, 1)
 
@@ -499,20 +532,21 @@ class HybridScaleAttention(_AttentionBase):
         else:
             global_sig = global_sig.expand(B, hg, s, wg, s).reshape(B, hg * s, wg * s)[:, :H, :W]
             significance = local_sig[:, :H, :W] + global_sig
-        return self._finish(lepe_in, attn), significance
+        return self._finish(lepe_in, attn, w), significance
 
-    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _reduce(self, x: torch.Tensor, w: Weights | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """sr x sr patchify conv (zero padded to a multiple of sr), LayerNorm, GELU -> (B, Hg*Wg, C)."""
+        w = self._weights(x, w)
         s = self.sr_ratio
         pad_h, pad_w = -x.shape[1] % s, -x.shape[2] % s
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        reduced = _conv_nhwc(x, self.sr, self.sr.bias)
+        reduced = _conv_nhwc(x, self.sr, *w["sr"])
         hg, wg = reduced.shape[1], reduced.shape[2]
         # LayerNorm in the conv's dtype (its kernel keeps fp32 statistics): CUDA autocast would otherwise
         # cast to fp32 and back (two copies forward, two backward) around this tiny map
         norm, reduced = self.sr_norm, reduced.reshape(x.shape[0], hg * wg, -1)
-        reduced = layer_norm_keep_dtype(reduced, norm, norm.weight, norm.bias)
+        reduced = layer_norm_keep_dtype(reduced, norm, *w["sr_norm"])
         return F.gelu(reduced), (hg, wg)
 
 
@@ -570,14 +604,20 @@ class SignificanceGuidedAttention(_AttentionBase):
             biases.append(f.bias.expand(full + (1 if rest else 0)))
         return torch.cat(chunks).add_(torch.cat(biases)[:, None])
 
-    def forward(self, x: torch.Tensor, significance: torch.Tensor | None = None):
+    def layers(self) -> dict[str, nn.Module]:
+        return dict(super().layers(), seq_kv=self.seq_kv)  # f1-f3 stay fp32: merge() runs without autocast
+
+    def forward(
+        self, x: torch.Tensor, significance: torch.Tensor | None = None, weights: Weights | None = None
+    ):
         B, H, W, C = x.shape
         if significance is None:
             raise ValueError(
                 "significance-guided attention needs the map of the preceding hybrid-scale block"
             )
         h, d, n = self.num_heads, self.head_dim, H * W
-        q, lepe_in = self.in_proj(x).split(C, -1)
+        w = self._weights(x, weights)
+        q, lepe_in = self.in_proj(x, *w["in_proj"]).split(C, -1)
         q = q.reshape(B, n, h, d).transpose(1, 2)
 
         with_grad = torch.is_grad_enabled() and x.requires_grad
@@ -587,11 +627,13 @@ class SignificanceGuidedAttention(_AttentionBase):
         merged = self.merge(tokens.view(n, 2 * B * C))  # (T, 2*B*C)
         t = merged.shape[0]
         seqs = merged.view(t, 2, B, C).permute(1, 2, 0, 3).reshape(2, B * t, C)
-        kv = self.seq_kv.forward_transposed(seqs)  # (2, 2C, B*t): [sequence, (k|v, head, d), (image, token)]
+        kv = self.seq_kv.forward_transposed(
+            seqs, *w["seq_kv"]
+        )  # (2, 2C, B*t): [sequence, (k|v, head, d), (image, token)]
         # one copy to (k|v, B, heads, t, d); contiguous() where reshape could merge a unit dim into a view
         kv = kv.view(2, 2, h // 2, d, B, t).permute(1, 4, 0, 2, 5, 3).reshape(2, B, h, t, d).contiguous()
         out, _ = _attention(q, *kv.unbind(0), self.scale, self.fused_attn, self._dropout_p)
-        return self._finish(lepe_in, out.transpose(1, 2)), None
+        return self._finish(lepe_in, out.transpose(1, 2), w), None
 
 
 def _mean_heads_then_queries(probs: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -653,13 +695,16 @@ class MultiHeadAttention(_AttentionBase):
             dim, num_heads, 4 * dim, 4 * dim if qkv_bias else dim, qk_scale, attn_drop, proj_drop
         )
 
-    def forward(self, x: torch.Tensor, significance: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, significance: torch.Tensor | None = None, weights: Weights | None = None
+    ):
         B, H, W, C = x.shape
         h, d, n = self.num_heads, self.head_dim, H * W
-        qkv, lepe_in = self.in_proj(x).split((3 * C, C), -1)
+        w = self._weights(x, weights)
+        qkv, lepe_in = self.in_proj(x, *w["in_proj"]).split((3 * C, C), -1)
         q, k, v = (t.transpose(1, 2) for t in qkv.reshape(B, n, 3, h, d).unbind(2))
         out, _ = _attention(q, k, v, self.scale, self.fused_attn, self._dropout_p)
-        return self._finish(lepe_in, out.transpose(1, 2)), None
+        return self._finish(lepe_in, out.transpose(1, 2), w), None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -699,10 +744,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor, significance: torch.Tensor | None = None):
-        out, significance = self.attn(_amp_dtype(self.norm1(x)), significance)
+    def layers(self) -> dict[str, nn.Module]:
+        """Layers whose weights the stage casts together under autocast (the norms run in fp32 there)."""
+        return dict(**self.attn.layers(), **self.mlp.layers())
+
+    def forward(
+        self, x: torch.Tensor, significance: torch.Tensor | None = None, weights: Weights | None = None
+    ):
+        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        out, significance = self.attn(_amp_dtype(self.norm1(x)), significance, w)
         x = x + self.drop_path(out)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x), w))
         return x, significance
 
 
@@ -727,12 +779,15 @@ class SGFormerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
+        # one cast of all the blocks' weights under autocast (cast_weights_together); else the parameters
+        weights = cast_weights_together([block.layers() for block in self.blocks], x)
         significance = None
-        for block in self.blocks:
+        for block, block_weights in zip(self.blocks, weights):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, significance = checkpoint(block, x, significance)
+                # non-reentrant: gradients reach the cast weights passed in (not a positional tensor)
+                x, significance = checkpoint(block, x, significance, block_weights, use_reentrant=False)
             else:
-                x, significance = block(x, significance)
+                x, significance = block(x, significance, block_weights)
         return self.norm(x)
 
 
