@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "every model: measures the GPU work without the host's per-launch overhead",
     )
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW inputs and weights")
+    p.add_argument("--phase", choices=("both", "infer", "train"), default="both", help="which steps to time")
     p.add_argument(
         "--rounds",
         type=int,
@@ -88,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=None, help="write results here")
     return p.parse_args(argv)
+
+
+def selected_phases(args: argparse.Namespace) -> list[str]:
+    return ["infer", "train"] if args.phase == "both" else [args.phase]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -256,7 +261,8 @@ def measure(name: str, res: int, args: argparse.Namespace, device: torch.device)
     if not timm.is_model(name):
         row["status"] = "missing"
         return row
-    for phase in (measure_inference, measure_training):
+    measures = {"infer": measure_inference, "train": measure_training}
+    for phase in [measures[key] for key in selected_phases(args)]:
         try:
             row.update(phase(name, res, args, device))
         except torch.cuda.OutOfMemoryError as exc:
@@ -287,7 +293,8 @@ def interleaved(names: list[str], res: int, args: argparse.Namespace, device: to
             row["status"] = "missing"
         else:
             row["params_m"] = sum(p.numel() for p in build(name, res, args, "meta").parameters()) / 1e6
-    for phase, (make_step, batch_key) in PHASES.items():
+    for phase in selected_phases(args):
+        make_step, batch_key = PHASES[phase]
         batch, steps = getattr(args, batch_key), {}
         for name, row in rows.items():
             if row["status"] != "ok":

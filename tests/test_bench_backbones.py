@@ -132,3 +132,15 @@ def test_interleaved_rounds_report_medians_and_record_failures():
         assert vit[f"{phase}_vs_swin_t_rounds"] == pytest.approx(per_round)
         assert vit[f"{phase}_vs_swin_t"] == pytest.approx(sorted(per_round)[1])
         assert swin[f"{phase}_vs_swin_t"] == 1.0
+
+
+@pytest.mark.parametrize("rounds", ["1", "2"])
+def test_phase_option_times_only_that_phase(rounds):
+    bench = load_bench()
+    report = bench.main(
+        [*TINY_ARGS, "--high-res", "0", "--models", "test_vit", "--phase", "train", "--rounds", rounds]
+    )
+    (row,) = report["results"]
+    assert row["status"] == "ok" and row["train_img_s"] > 0 and row["train_finite"]
+    assert not any(key.startswith("infer_") for key in row)
+    assert report["settings"]["phase"] == "train"

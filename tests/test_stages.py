@@ -125,3 +125,22 @@ def test_cswin_token_stream_stays_bf16_under_autocast():
         assert all(
             f.dtype == torch.float32 for f in model.forward_intermediates(torch.randn(1, 3, 64, 64))[1]
         )
+
+
+@pytest.mark.parametrize("build", [_cswin, _sgformer, _biformer], ids=["cswin", "sgformer", "biformer"])
+def test_grad_checkpointing_under_autocast_keeps_outputs_and_gradients(build):
+    """Checkpointed blocks recompute with the stage's cast weights; gradients still reach the parameters."""
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for enabled in (False, True):
+        model = build().train()
+        model.set_grad_checkpointing(enabled)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out, grads), (ckpt_out, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_out, out, rtol=0, atol=0)
+    assert all(g is not None for g in ckpt_grads.values()) and set(ckpt_grads) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=0, atol=0, msg=name)
