@@ -9,6 +9,8 @@ Swin-B for the B-size models) at the same resolution and writes JSON with the en
     python bench/backbones.py --device cuda --json bench/backbones.json
     python bench/backbones.py --device cuda --cuda-graph --json bench/backbones_graphed.json
     python bench/backbones.py --device cuda --rounds 5 --high-res 0 --json bench/backbones_rounds.json
+    python bench/backbones.py --device cpu --batch-infer 2 --batch-train 2 --iters 1 --warmup 0 \\
+        --models cswin_tiny_224,swin_tiny_patch4_window7_224
 
 ``--rounds R`` (R > 1) interleaves the models instead of measuring them one after another: all of a
 resolution's models are built and warmed up, then R rounds time every model for ``--iters`` steps each (the
@@ -16,8 +18,6 @@ order rotates per round). Speeds are medians over rounds and ratios are medians 
 drift in the host's speed during the run (eager training at 224 is bound by the host's per-op cost) hits the
 model and its baseline alike. Peak memory is then each model's own (allocated during its warm-up, above what
 was allocated before it was built).
-    python bench/backbones.py --device cpu --batch-infer 2 --batch-train 2 --iters 1 --warmup 0 \\
-        --models cswin_tiny_224,swin_tiny_patch4_window7_224
 """
 
 from __future__ import annotations
@@ -300,8 +300,8 @@ def interleaved(names: list[str], res: int, args: argparse.Namespace, device: to
             if row["status"] != "ok":
                 continue
             try:
-                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 release(device)
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 step = make_step(name, res, args, device)
                 out = None
                 for _ in range(max(args.warmup, 1)):

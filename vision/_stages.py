@@ -114,3 +114,9 @@ def cast_weights_together(groups: Sequence[dict[str, nn.Module | None]], x: Tens
         {name: tuple(None if t is None else next(cast) for t in pair) for name, pair in g.items()}
         for g in pairs
     ]
+
+
+def weights_or_own(weights: Weights | None, layers: dict[str, nn.Module | None], x: Tensor) -> Weights:
+    """``weights`` handed down by a stage, else ``layers``' own (cast together under autocast): what a block
+    or layer called on its own computes with."""
+    return cast_weights_together([layers], x)[0] if weights is None else weights

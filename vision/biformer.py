@@ -65,7 +65,14 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import (
+    Weights,
+    cast_weights_together,
+    layer_norm_keep_dtype,
+    prune_stages,
+    unwrap_checkpoint,
+    weights_or_own,
+)
 from .official import register_official
 
 __all__ = ["BiFormer", "RegionGrid", "build_from_official", "checkpoint_filter_fn"]
@@ -313,7 +320,7 @@ class BiLevelRoutingAttention(nn.Module):
         return logits.topk(min(self.topk, grid.num_regions), dim=-1, sorted=False).indices
 
     def forward(self, x: Tensor, grid: RegionGrid, weights: Weights | None = None) -> Tensor:
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         qkv = F.linear(x, *w["qkv"])  # [B, H, W, 2 qk + C]
         if self.topk >= grid.num_regions:  # every region is routed: plain attention
             return self._dense(qkv, grid, None, w)
@@ -396,7 +403,7 @@ class GlobalAttention(nn.Module):
         return {"qkv": self.qkv, "lepe": self.lepe, "proj": self.proj}
 
     def forward(self, x: Tensor, grid: RegionGrid | None = None, weights: Weights | None = None) -> Tensor:
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         batch, height, width, channels = x.shape
         qkv = F.linear(x, *w["qkv"]).view(batch, height * width, 3 * channels)
         # split, not select: its backward is one cat instead of three zero-filled copies
@@ -446,7 +453,7 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, grid: RegionGrid | None, weights: Weights | None = None) -> Tensor:
         mlp = self.mlp
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         if self.pos_embed is not None:
             x = x + _dwconv(x, *w["pos_embed"])
         x = x + self.drop_path1(self.attn(layer_norm_keep_dtype(x, self.norm1, *w["norm1"]), grid, w))

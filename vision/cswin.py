@@ -58,7 +58,14 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import (
+    Weights,
+    cast_weights_together,
+    layer_norm_keep_dtype,
+    prune_stages,
+    unwrap_checkpoint,
+    weights_or_own,
+)
 from .official import register_official
 
 __all__ = [
@@ -243,7 +250,7 @@ class CSWinAttention(nn.Module):
         if size is None:
             b, h, w, c = x.shape
             return self.forward(x.reshape(-1, c), (b, h, w), weights).view(b, h, w, c)
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         qkv = F.linear(x, *w["qkv"])
         attend = self._full if self.full_attention else self._cross
         return self.proj_drop(F.linear(attend(qkv, *size, w["lepe"]), *w["proj"]))
@@ -305,7 +312,7 @@ class CSWinBlock(nn.Module):
         if size is None:
             b, h, w, c = x.shape
             return self.forward(x.reshape(-1, c), (b, h, w), weights).view(b, h, w, c)
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         mlp = self.mlp
         attn = self.attn(_norm(x, self.norm1, w["norm1"]), size, w)
         x = self._residual(x, attn, self.drop_path1, size[0])
@@ -338,7 +345,7 @@ class MergeBlock(nn.Module):
         return {"conv": self.conv, "norm": self.norm}
 
     def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         x = F.conv2d(x.permute(0, 3, 1, 2), *w["conv"], stride=2, padding=1)
         return _norm(x.permute(0, 2, 3, 1), self.norm, w["norm"])
 

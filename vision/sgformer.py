@@ -72,7 +72,14 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from ._stages import Weights, cast_weights_together, layer_norm_keep_dtype, prune_stages, unwrap_checkpoint
+from ._stages import (
+    Weights,
+    cast_weights_together,
+    layer_norm_keep_dtype,
+    prune_stages,
+    unwrap_checkpoint,
+    weights_or_own,
+)
 from .official import register_official
 
 __all__ = ["SGFormer", "build_from_official", "checkpoint_filter_fn", "convert_official_state_dict"]
@@ -423,7 +430,7 @@ class Mlp(nn.Module):
         return {"fc1": self.fc1, "dwconv": self.dwconv, "fc2": self.fc2}
 
     def forward(self, x: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         h = F.linear(x, *w["fc1"])
         h = F.gelu(_conv_nhwc(h, self.dwconv, *w["dwconv"]) + h)  # out of place: no CopySlices backward
         return self.drop(F.linear(self.drop(h), *w["fc2"]))
@@ -450,9 +457,6 @@ class _AttentionBase(nn.Module):
     def layers(self) -> dict[str, nn.Module]:
         """The layers with weights, by the names ``forward`` looks them up in its ``weights``."""
         return {"in_proj": self.in_proj, "lepe_conv": self.lepe_conv, "proj": self.proj}
-
-    def _weights(self, x: torch.Tensor, weights: Weights | None) -> Weights:
-        return cast_weights_together([self.layers()], x)[0] if weights is None else weights
 
     def _finish(self, lepe_in: torch.Tensor, attn: torch.Tensor, w: Weights) -> torch.Tensor:
         """proj(lepe_conv(lepe_in) + attn); ``attn`` is the (B, H, W, C) map or a (B, N, heads, d) view of it
@@ -496,7 +500,7 @@ class HybridScaleAttention(_AttentionBase):
             )
         heads, d, half, n = self.num_heads // 2, self.head_dim, C // 2, H * W
         # split, not slicing: the backward joins the three gradients with one cat
-        w = self._weights(x, weights)
+        w = weights_or_own(weights, self.layers(), x)
         q1, qkv2, lepe_in = self.in_proj(x, *w["in_proj"]).split((half, 3 * half, C), -1)
 
         # global branch: queries are a strided view of `packed`, keys come from the sr-reduced map
@@ -536,7 +540,7 @@ class HybridScaleAttention(_AttentionBase):
 
     def _reduce(self, x: torch.Tensor, w: Weights | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """sr x sr patchify conv (zero padded to a multiple of sr), LayerNorm, GELU -> (B, Hg*Wg, C)."""
-        w = self._weights(x, w)
+        w = weights_or_own(w, self.layers(), x)
         s = self.sr_ratio
         pad_h, pad_w = -x.shape[1] % s, -x.shape[2] % s
         if pad_h or pad_w:
@@ -616,7 +620,7 @@ class SignificanceGuidedAttention(_AttentionBase):
                 "significance-guided attention needs the map of the preceding hybrid-scale block"
             )
         h, d, n = self.num_heads, self.head_dim, H * W
-        w = self._weights(x, weights)
+        w = weights_or_own(weights, self.layers(), x)
         q, lepe_in = self.in_proj(x, *w["in_proj"]).split(C, -1)
         q = q.reshape(B, n, h, d).transpose(1, 2)
 
@@ -627,9 +631,8 @@ class SignificanceGuidedAttention(_AttentionBase):
         merged = self.merge(tokens.view(n, 2 * B * C))  # (T, 2*B*C)
         t = merged.shape[0]
         seqs = merged.view(t, 2, B, C).permute(1, 2, 0, 3).reshape(2, B * t, C)
-        kv = self.seq_kv.forward_transposed(
-            seqs, *w["seq_kv"]
-        )  # (2, 2C, B*t): [sequence, (k|v, head, d), (image, token)]
+        # (2, 2C, B*t): [sequence, (k|v, head, d), (image, token)]
+        kv = self.seq_kv.forward_transposed(seqs, *w["seq_kv"])
         # one copy to (k|v, B, heads, t, d); contiguous() where reshape could merge a unit dim into a view
         kv = kv.view(2, 2, h // 2, d, B, t).permute(1, 4, 0, 2, 5, 3).reshape(2, B, h, t, d).contiguous()
         out, _ = _attention(q, *kv.unbind(0), self.scale, self.fused_attn, self._dropout_p)
@@ -700,7 +703,7 @@ class MultiHeadAttention(_AttentionBase):
     ):
         B, H, W, C = x.shape
         h, d, n = self.num_heads, self.head_dim, H * W
-        w = self._weights(x, weights)
+        w = weights_or_own(weights, self.layers(), x)
         qkv, lepe_in = self.in_proj(x, *w["in_proj"]).split((3 * C, C), -1)
         q, k, v = (t.transpose(1, 2) for t in qkv.reshape(B, n, 3, h, d).unbind(2))
         out, _ = _attention(q, k, v, self.scale, self.fused_attn, self._dropout_p)
@@ -751,7 +754,7 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, significance: torch.Tensor | None = None, weights: Weights | None = None
     ):
-        w = cast_weights_together([self.layers()], x)[0] if weights is None else weights
+        w = weights_or_own(weights, self.layers(), x)
         out, significance = self.attn(_amp_dtype(self.norm1(x)), significance, w)
         x = x + self.drop_path(out)
         x = x + self.drop_path(self.mlp(self.norm2(x), w))
