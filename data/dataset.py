@@ -1,15 +1,13 @@
 """Datasets over LLaVA-format records, a resumable sampler, and collation that skips bad media.
 
-Conversations are tokenized once up front (records that cannot be tokenized are skipped with a reason);
-images are decoded when a sample is drawn (optionally cached, for small datasets trained on a CPU). A bad
-image never stops a long run: the sample is dropped from its batch and recorded in ``skipped``.
+Conversations are tokenized once up front (records that cannot be tokenized become ``Skip``s); images are
+decoded when a sample is drawn (optionally cached, for small datasets trained on a CPU). A bad image never
+stops a long run: the sample is dropped from its batch and reported under ``skipped``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,51 +15,55 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .media import MediaError, load_image
+from .media import MediaError, MediaPaths, load_image
 from .processor import VLMProcessor
-from .schema import resolve_image_paths
-
-log = logging.getLogger(__name__)
+from .schema import image_list
+from .skips import Skip
 
 
 class ConversationDataset(Dataset):
-    """Tokenized conversations with their images, ready for ``VLMProcessor.collate``."""
+    """Tokenized conversations with their images, ready for ``VLMProcessor.collate``.
+
+    ``indices`` are the records' positions in their file (for skip reports); ``split`` names the set in them.
+    """
 
     def __init__(
         self,
         records: Sequence[dict[str, Any]],
         processor: VLMProcessor,
-        base_dir: str | Path,
+        media: MediaPaths,
         *,
+        indices: Sequence[int] | None = None,
+        split: str = "train",
         cache_pixels: bool = False,
         blind: bool = False,
         branch_turns: bool = False,
         progress: bool = True,
     ):
         self.processor = processor
-        self.base_dir = Path(base_dir)
+        self.split = split
         self.cache_pixels = cache_pixels
         self.blind = blind  # black images: trains/evaluates the no-vision baseline with identical sequences
         self._pixel_cache: dict[int, dict[str, torch.Tensor]] = {}
         self.records: list[dict[str, Any]] = []
-        self.features: list[dict[str, list[int]]] = []
-        self.skipped: list[dict[str, Any]] = []
-        for index, rec in enumerate(tqdm(records, desc="tokenize", disable=not progress, leave=False)):
-            paths = resolve_image_paths(rec, self.base_dir)
+        self.features: list[dict[str, Any]] = []
+        self.indices: list[int] = []
+        self.skipped: list[Skip] = []
+        indices = list(range(len(records))) if indices is None else list(indices)
+        for index, rec in zip(indices, tqdm(records, desc="tokenize", disable=not progress, leave=False)):
+            entries = image_list(rec)
             try:
                 if branch_turns:
-                    feats = processor.tokenize_branched(rec["conversations"], len(paths))
+                    feats = processor.tokenize_branched(rec["conversations"], len(entries))
                 else:
-                    feats = processor.tokenize(rec["conversations"], len(paths))
+                    feats = processor.tokenize(rec["conversations"], len(entries))
             except ValueError as err:
-                self.skipped.append({"index": index, "id": rec.get("id"), "reason": str(err)})
+                self.skipped.append(Skip.from_error(split, index, rec.get("id"), err))
                 continue
-            self.records.append({**rec, "_paths": paths})
+            self.records.append({**rec, "_media": entries})
             self.features.append(feats)
-        if self.skipped:
-            log.warning(
-                "skipped %d of %d records that could not be tokenized", len(self.skipped), len(records)
-            )
+            self.indices.append(index)
+        self.media = media
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,9 +74,10 @@ class ConversationDataset(Dataset):
     def _pixels(self, i: int) -> dict[str, torch.Tensor] | None:
         if i in self._pixel_cache:
             return self._pixel_cache[i]
-        paths = self.records[i]["_paths"]
-        if not paths:
+        entries = self.records[i]["_media"]
+        if not entries:
             return None
+        paths = [self.media.resolve(entry) for entry in entries]  # refused paths raise before any read
         images = [Image.new("RGB", (32, 32)) if self.blind else load_image(p) for p in paths]
         pixels = self.processor.pixels(images)
         if self.cache_pixels:
@@ -86,32 +89,26 @@ class ConversationDataset(Dataset):
         try:
             pixels = self._pixels(i)
         except MediaError as err:
-            return {"error": str(err), "id": rec.get("id"), "index": i}
-        return {**self.features[i], "pixel_values": pixels, "id": rec.get("id"), "index": i}
+            return {"skip": Skip.from_error(self.split, self.indices[i], rec.get("id"), err)}
+        return {**self.features[i], "pixel_values": pixels, "id": rec.get("id"), "index": self.indices[i]}
 
 
 class Collator:
     """Drops samples whose media failed (reported under ``skipped``) and pads the rest."""
 
-    def __init__(
-        self,
-        processor: VLMProcessor,
-        padding_side: str = "right",
-        split_branches: bool = False,
-        branch_groups: int = 2,
-    ):
+    def __init__(self, processor: VLMProcessor, padding_side: str = "right", branch_groups: int = 2):
         self.processor = processor
         self.padding_side = padding_side
-        self.split_branches = split_branches  # branched records as prefix + branch rows (VLMProcessor)
-        self.branch_groups = branch_groups
+        self.branch_groups = branch_groups  # branch rows run in this many length groups (VLM.forward)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        good = [s for s in samples if "error" not in s]
-        bad = [{"id": s["id"], "index": s["index"], "reason": s["error"]} for s in samples if "error" in s]
-        batch = self.processor.collate(good, padding_side=self.padding_side) if good else {}
-        if good and self.split_branches:
-            batch = self.processor.split_branches(batch, self.branch_groups)
-        batch["skipped"] = bad
+        good = [s for s in samples if "skip" not in s]
+        batch: dict[str, Any] = {}
+        if good:
+            batch = self.processor.collate(
+                good, padding_side=self.padding_side, branch_groups=self.branch_groups
+            )
+        batch["skipped"] = [s["skip"] for s in samples if "skip" in s]
         batch["ids"] = [s["id"] for s in good]
         return batch
 

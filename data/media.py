@@ -1,7 +1,8 @@
-"""Image decoding: one place that opens a file, guards against bad input and returns plain RGB.
+"""Media files: where a record may point (``MediaPaths``), and one place that decodes an image.
 
-Every failure (missing, unreadable, corrupt, truncated, empty, zero-size, too large) becomes a ``MediaError``
-naming the file, so a bad record in a million-image dataset is found by name instead of by a stack trace.
+Every failure (missing, unreadable, corrupt, truncated, empty, zero-size, too large, animated, outside the
+allowed folders) becomes a ``MediaError`` naming the file, so a bad record in a million-image dataset is found
+by name instead of by a stack trace.
 """
 
 from __future__ import annotations
@@ -25,6 +26,31 @@ class MediaError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+REFUSED = "refused: outside the dataset folder and the media roots"
+
+
+class MediaPaths:
+    """Where the media paths of records start and which folders they may point into.
+
+    A relative path starts at ``base_dir`` (the JSON file's folder, or ``data.image_folder``). A path that
+    leaves ``base_dir`` and every one of ``roots`` (``data.media_roots``, ``--media-root``), by ``..`` or by
+    being absolute, is refused before the file system is touched, with one message whether or not it exists:
+    a record can neither read nor probe files elsewhere on the machine. Paths are compared as written
+    (normalised, not resolved), so a symlink the user placed inside the data folder is followed.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike, roots: Iterable[str | os.PathLike] = ()):
+        self.base = Path(os.path.abspath(base_dir))
+        self.roots = [self.base, *(Path(os.path.abspath(r)) for r in roots)]
+
+    def resolve(self, entry: str | os.PathLike) -> Path:
+        """The absolute path of one media entry of a record, or ``MediaError`` if it is refused."""
+        path = Path(os.path.normpath(self.base / entry))
+        if not any(path == root or root in path.parents for root in self.roots):
+            raise MediaError(entry, REFUSED)
+        return path
 
 
 def _check_file(path: Path) -> None:
@@ -86,6 +112,12 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = 64_000_000) -> Imag
                 if width * height > max_pixels:
                     size = f"{width}x{height} = {width * height} pixels"
                     raise MediaError(path, f"image too large: {size} > max_pixels={max_pixels}")
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:  # decoding would silently keep the first frame only
+                    raise MediaError(
+                        path,
+                        f"animated or multi-frame image ({frames} frames); an image input takes one frame",
+                    )
                 image.load()
                 upright = _exif_upright(image)
     except MediaError:

@@ -4,6 +4,8 @@ Each ``<image>`` placeholder (any number per conversation, interleaved with text
 then expanded to exactly ``tokens_per_image`` copies — the number of visual embeddings the model will scatter
 there. Labels train only assistant turns. Each expert has its own pixel preprocessing; an image is decoded
 once and handed to every expert's transform. Video frames will enter the same way (one placeholder each).
+Multi-turn one-image records can train as single-turn branches on one shared prefix (``tokenize_branched``):
+the collated batch then carries the branches as a ``BranchBatch`` beside the prefix rows.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .boxes import BoxFormat
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, llava_to_messages, tokenize_conversation
 from .tokenizer import ensure_image_token
 
@@ -34,10 +38,45 @@ def _pad(rows: Sequence[Sequence[int] | torch.Tensor], fill: int, side: str = "r
     return out
 
 
-def _pad_pairs(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
+def _pad_pairs(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     """Right-padded ids, attention mask and labels of (ids, labels) rows."""
     ids = _pad([i for i, _ in rows], pad_id)
     return ids, _pad([[1] * len(i) for i, _ in rows], 0), _pad([lab for _, lab in rows], IGNORE_INDEX)
+
+
+@dataclass
+class BranchBatch:
+    """Single-turn branches, each continuing the prefix row ``owner[i]`` of its batch (``VLM.forward``).
+
+    Rows are sorted by length and cut into ``groups`` of about equal count, ``(start, end, length)``, each
+    padded only to its own longest row: short answers and boxes differ ~2x in length.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    owner: torch.Tensor
+    groups: list[tuple[int, int, int]]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BranchBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if f.name != "groups"
+        }
+        return BranchBatch(**moved, groups=self.groups)
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[tuple[int, Sequence[int], Sequence[int]]], pad_id: int, groups: int = 2
+    ) -> BranchBatch:
+        """``rows``: (owner, ids, labels) per branch."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
+        ids, mask, labels = _pad_pairs([rows[i][1:] for i in order], pad_id)
+        cuts = sorted({round(len(order) * g / max(1, groups)) for g in range(max(1, groups) + 1)})
+        spans = [(a, b, len(rows[order[b - 1]][1])) for a, b in zip(cuts, cuts[1:]) if b > a]
+        owner = torch.tensor([rows[i][0] for i in order], dtype=torch.long)
+        return cls(ids, mask, labels, owner, spans)
 
 
 class VLMProcessor:
@@ -52,7 +91,7 @@ class VLMProcessor:
         chat_template: str | None = None,
         system_prompt: str | None = None,
         max_length: int | None = None,
-        extra: dict[str, Any] | None = None,
+        box_format: BoxFormat | None = None,
     ):
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
@@ -63,7 +102,7 @@ class VLMProcessor:
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.max_length = max_length
-        self.extra = dict(extra or {})  # e.g. the box format the model was trained with
+        self.box_format = box_format or BoxFormat()  # how the model writes boxes (data.box_format)
 
     # -- text -----------------------------------------------------------------------------------------
     def _messages(self, conversation: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -117,18 +156,16 @@ class VLMProcessor:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": ids, "labels": labels}
 
-    def tokenize_branched(
-        self, conversation: Sequence[Mapping[str, Any]], num_images: int
-    ) -> dict[str, list[int]]:
-        """Pack a multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
+    def tokenize_branched(self, conversation: Sequence[Mapping[str, Any]], num_images: int) -> dict[str, Any]:
+        """A multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
 
         Each (question, answer) pair becomes the single-turn chat ``<image>\n{question} -> {answer}``; the
-        tokens they share (system prompt, user header, the image) are kept once as segment 0, and each pair's
-        remaining tokens form segment k >= 1. With the segment-aware mask of ``mm.model`` a branch sees only
-        the prefix and itself, at the positions a single-turn prompt would have: one image encoding serves
-        every question, and no answer can be copied from another turn (the eval setting is single-turn).
-        Falls back to ``tokenize`` for conversations that do not fit the pattern (several images, images
-        after the first turn, a single turn).
+        tokens they share (system prompt, user header, the image) are the prefix (``input_ids``/``labels``),
+        and each pair's remaining tokens a branch (``branches``). The model encodes the prefix once and runs
+        each branch on its KV cache at the positions a single-turn prompt would have: one image encoding
+        serves every question, and no answer can be copied from another turn (the eval setting is
+        single-turn). Conversations that do not fit the pattern (several images, images after the first
+        turn, a single turn) come back as ``tokenize`` gives them, without ``branches``.
         """
         turns = [t for t in conversation if t.get("from", t.get("role")) not in ("system",)]
         first = turns[0]["value"] if turns and "value" in turns[0] else None
@@ -140,11 +177,9 @@ class VLMProcessor:
             or not first.startswith(IMAGE_TOKEN)
             or sum(t["value"].count(IMAGE_TOKEN) for t in turns) != 1
         ):
-            feats = self.tokenize(conversation, num_images)
-            feats["segments"] = [0] * len(feats["input_ids"])
-            return feats
+            return self.tokenize(conversation, num_images)
         system = [t for t in conversation if t.get("from") == "system"]
-        branches = []
+        singles = []
         for k in range(pairs):
             question = turns[2 * k]["value"]
             if k == 0:
@@ -153,33 +188,31 @@ class VLMProcessor:
                 {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
                 {"from": "gpt", "value": turns[2 * k + 1]["value"]},
             ]
-            enc = tokenize_conversation(
-                self._messages(single), self.tokenizer, chat_template=self.chat_template
+            singles.append(
+                tokenize_conversation(
+                    self._messages(single), self.tokenizer, chat_template=self.chat_template
+                )
             )
-            branches.append(enc)
+        ref = singles[0]["input_ids"]
         prefix = 0
-        ref = branches[0]["input_ids"]
         while prefix < len(ref) and all(
-            prefix < len(b["input_ids"]) and b["input_ids"][prefix] == ref[prefix] for b in branches
+            prefix < len(b["input_ids"]) and b["input_ids"][prefix] == ref[prefix] for b in singles
         ):
             prefix += 1
         if self.image_token_id not in ref[:prefix] or any(
-            lab != IGNORE_INDEX for b in branches for lab in b["labels"][:prefix]
+            lab != IGNORE_INDEX for b in singles for lab in b["labels"][:prefix]
         ):
             raise ValueError("branched packing: the turns share no prefix holding the image")
-        ids, labels = list(ref[:prefix]), list(branches[0]["labels"][:prefix])
-        segments = [0] * prefix
-        for k, b in enumerate(branches, start=1):
-            ids += b["input_ids"][prefix:]
-            labels += b["labels"][prefix:]
-            segments += [k] * (len(b["input_ids"]) - prefix)
-        ids_x, labels_x = self._expand(ids, labels)
-        segments_x: list[int] = []
-        for tok, seg in zip(ids, segments):
-            segments_x.extend([seg] * (self.tokens_per_image if tok == self.image_token_id else 1))
-        if self.max_length is not None and len(ids_x) > self.max_length:
-            raise ValueError(f"packed branches of {len(ids_x)} tokens exceed max_length={self.max_length}")
-        return {"input_ids": ids_x, "labels": labels_x, "segments": segments_x}
+        ids, labels = self._expand(ref[:prefix], singles[0]["labels"][:prefix])
+        branches = []
+        for b in singles:
+            if b["labels"][prefix] != IGNORE_INDEX:
+                raise ValueError("branched packing: a branch cannot begin with a labelled token")
+            branches.append({"input_ids": b["input_ids"][prefix:], "labels": b["labels"][prefix:]})
+        total = len(ids) + sum(len(b["input_ids"]) for b in branches)
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(f"prefix and branches of {total} tokens exceed max_length={self.max_length}")
+        return {"input_ids": ids, "labels": labels, "branches": branches}
 
     # -- images ---------------------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
@@ -199,83 +232,40 @@ class VLMProcessor:
 
     # -- batching -------------------------------------------------------------------------------------
     def collate(
-        self, features: Sequence[Mapping[str, Any]], *, padding_side: str = "right"
+        self, features: Sequence[Mapping[str, Any]], *, padding_side: str = "right", branch_groups: int = 2
     ) -> dict[str, Any]:
-        """Pad to the longest sequence; concatenate pixels of all images in placeholder order."""
+        """Pad to the longest sequence; concatenate pixels of all images in placeholder order.
+
+        Features from ``tokenize_branched`` add ``branches`` (a ``BranchBatch``); ``labels`` is then None when
+        no prefix token is labelled (the usual case), so the model skips the prefix rows' LM head.
+        """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-        def field(key: str, default: int, fill: int) -> torch.Tensor:
-            rows = [f.get(key, [default] * len(f["input_ids"])) for f in features]
-            return _pad(rows, fill, padding_side)
-
-        ids = field("input_ids", pad_id, pad_id)
+        ids = _pad([f["input_ids"] for f in features], pad_id, padding_side)
         mask = _pad([[1] * len(f["input_ids"]) for f in features], 0, padding_side)
-        labels = field("labels", IGNORE_INDEX, IGNORE_INDEX)
-        segments = field("segments", 0, 0) if any("segments" in f for f in features) else None
+        labels = _pad(
+            [f.get("labels", [IGNORE_INDEX] * len(f["input_ids"])) for f in features],
+            IGNORE_INDEX,
+            padding_side,
+        )
         pixel_values = None
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
             pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
-        if segments is not None:
-            batch["segment_ids"] = segments
+        rows = [
+            (row, b["input_ids"], b["labels"])
+            for row, f in enumerate(features)
+            for b in f.get("branches", ())
+        ]
+        if rows:
+            if padding_side != "right":
+                raise ValueError("branched features are for training: collate them with padding_side='right'")
+            batch["branches"] = BranchBatch.from_rows(rows, pad_id, branch_groups)
+            if bool((labels == IGNORE_INDEX).all()):
+                batch["labels"] = None
         return batch
-
-    def split_branches(self, batch: dict[str, Any], groups: int = 2) -> dict[str, Any]:
-        """A packed branched batch (``segment_ids``) -> prefix rows + branch rows, for ``VLM.forward``.
-
-        Each record's prefix (segment 0) stays a row of ``input_ids``; every branch (segment k >= 1) becomes a
-        row of ``branch_input_ids`` with ``branch_owner`` naming its record. The model runs the prefixes once,
-        copies their keys/values to each branch (a KV cache) and runs the branches as short rows: attention
-        costs prefix x branch instead of the packed row's length squared, and no 4-D mask is needed. The
-        result is the same as the packed mask (tested). ``labels`` becomes None when no prefix token is
-        labelled (the usual case), so the model skips the prefix's LM head. Branch rows are sorted by length
-        and cut into ``groups`` runs of about equal count, each padded only to its own longest row
-        (``branch_groups``: ``(start, end, length)``), since short answers and boxes differ ~2x in length.
-        Host-side work, in the collator.
-        """
-        if "segment_ids" not in batch:
-            return batch
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        prefixes, branches, owners = [], [], []
-        for row in range(batch["input_ids"].shape[0]):
-            valid = batch["attention_mask"][row].bool()
-            ids, labels = batch["input_ids"][row][valid], batch["labels"][row][valid]
-            segments = batch["segment_ids"][row][valid].tolist()
-            n_prefix = next((i for i, seg in enumerate(segments) if seg != 0), len(segments))
-            if 0 in segments[n_prefix:]:
-                raise ValueError(f"row {row}: segment 0 (the shared prefix) must come first")
-            prefixes.append((ids[:n_prefix], labels[:n_prefix]))
-            start = n_prefix
-            while start < len(segments):
-                end = start
-                while end < len(segments) and segments[end] == segments[start]:
-                    end += 1
-                if labels[start] != IGNORE_INDEX:
-                    raise ValueError(f"row {row}: a branch cannot begin with a labelled token")
-                branches.append((ids[start:end], labels[start:end]))
-                owners.append(row)
-                start = end
-        packed = ("input_ids", "attention_mask", "labels", "segment_ids")
-        out = {k: v for k, v in batch.items() if k not in packed}
-        out["input_ids"], out["attention_mask"], out["labels"] = _pad_pairs(prefixes, pad_id)
-        if bool((out["labels"] == IGNORE_INDEX).all()):
-            out["labels"] = None
-        if branches:
-            order = sorted(range(len(branches)), key=lambda i: len(branches[i][0]))
-            ids, mask, labels = _pad_pairs([branches[i] for i in order], pad_id)
-            out.update(branch_input_ids=ids, branch_attention_mask=mask, branch_labels=labels)
-            out["branch_owner"] = torch.tensor([owners[i] for i in order], dtype=torch.long)
-            groups = max(1, groups)
-            cuts = sorted({round(len(order) * g / groups) for g in range(groups + 1)})
-            out["branch_groups"] = [
-                (start, end, len(branches[order[end - 1]][0]))
-                for start, end in zip(cuts, cuts[1:])
-                if end > start
-            ]
-        return out
 
     # -- persistence ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -285,7 +275,7 @@ class VLMProcessor:
             "chat_template": self.chat_template,
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
-            "extra": self.extra,
+            "box_format": {"frame": self.box_format.frame, "template": self.box_format.template},
         }
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -311,6 +301,8 @@ class VLMProcessor:
         settings = json.loads(settings_path.read_text())
         settings.update(overrides)
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        # model directories written before box_format was a setting kept it under "extra"
+        box_format = settings.get("box_format") or (settings.get("extra") or {}).get("box_format")
         return cls(
             tokenizer,
             image_transforms,
@@ -318,5 +310,5 @@ class VLMProcessor:
             chat_template=settings.get("chat_template"),
             system_prompt=settings.get("system_prompt"),
             max_length=settings.get("max_length"),
-            extra=settings.get("extra"),
+            box_format=BoxFormat(**box_format) if box_format else None,
         )

@@ -2,7 +2,8 @@
 
 A record is ``{"id": str, "image": str | list[str] (optional), "conversations": [{"from", "value"}, ...]}``
 plus any extra keys. Validation happens once at load time with messages that name the file, the record and
-the field, so a broken record fails before training starts, not hours into it.
+the field. ``load_llava_json`` stops at the first broken record (``strict``); ``load_record_file`` keeps the
+valid records and returns the broken ones' errors, so a long job can skip and record them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,52 +141,98 @@ def validate_record(rec: Any, index: int | None = None, source: str | os.PathLik
         )
 
 
-def resolve_image_paths(rec: dict, base_dir: str | os.PathLike) -> list[Path]:
-    """Image paths of a record; relative ones are taken relative to ``base_dir`` (the JSON file's folder)."""
-    return [Path(base_dir) / entry for entry in image_list(rec)]
+def _invalid_json(path: Path, err: json.JSONDecodeError, line: int | None = None) -> SchemaError:
+    where = f"line {line if line is not None else err.lineno}, column {err.colno}"
+    return SchemaError(f"invalid JSON at {where}: {err.msg}", source=path)
 
 
-def _read_records(path: Path) -> list:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise SchemaError("file not found", source=path) from err
     except (OSError, UnicodeDecodeError) as err:
         raise SchemaError(f"cannot read file: {err}", source=path) from err
+
+
+def _read_records(path: Path, strict: bool) -> list[Any]:
+    """The raw entries of a file; in a non-strict ``.jsonl`` a line that is not JSON becomes a SchemaError."""
+    text = _read_text(path)
     if path.suffix == ".jsonl":
-        records = []
+        records: list[Any] = []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    reason = f"invalid JSON at line {line_no}, column {err.colno}: {err.msg}"
-                    raise SchemaError(reason, source=path) from err
+                    error = _invalid_json(path, err, line_no)
+                    if strict:
+                        raise error from err
+                    records.append(SchemaError(error.reason, source=path, index=len(records)))
         return records
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
-        reason = f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        raise SchemaError(reason, source=path) from err
+        raise _invalid_json(path, err) from err
     if not isinstance(records, list):
         raise SchemaError(f"expected a JSON list of records, got {_type_name(records)}", source=path)
     return records
 
 
-def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> list[dict]:
-    """Read and validate a LLaVA ``.json`` (a list) or ``.jsonl`` (one record per line) file.
+@dataclass
+class RecordFile:
+    """The valid records of a LLaVA file, their positions in it, and what was wrong with the others."""
 
-    With ``check_files`` every image must exist, relative paths taken from the file's folder.
+    path: Path
+    records: list[dict]
+    indices: list[int]  # position of each valid record in the file
+    errors: list[SchemaError]
+    total: int
+
+
+def load_record_file(path: str | os.PathLike, *, strict: bool = False) -> RecordFile:
+    """Read a LLaVA ``.json`` / ``.jsonl`` file; with ``strict`` the first broken record raises its error.
+
+    A file that cannot be read or parsed as a whole always raises ``SchemaError``.
     """
     path = Path(path)
-    records = _read_records(path)
-    for index, rec in enumerate(records):
-        validate_record(rec, index=index, source=path)
-        if check_files:
-            for k, image_path in enumerate(resolve_image_paths(rec, path.parent)):
-                if not image_path.is_file():
-                    field = f"image[{k}]" if isinstance(rec["image"], list) else "image"
-                    reason = f"image file not found: {image_path}"
+    entries = _read_records(path, strict)
+    records, indices, errors = [], [], []
+    for index, rec in enumerate(entries):
+        try:
+            if isinstance(rec, SchemaError):
+                raise rec
+            validate_record(rec, index=index, source=path)
+        except SchemaError as err:
+            if strict:
+                raise
+            errors.append(err)
+            continue
+        records.append(rec)
+        indices.append(index)
+    return RecordFile(path, records, indices, errors, len(entries))
+
+
+def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> list[dict]:
+    """Read and validate a LLaVA ``.json`` (a list) or ``.jsonl`` (one record per line) file; the first
+    broken record raises. With ``check_files`` every image must exist in the file's folder."""
+    from .media import MediaError, MediaPaths
+
+    path = Path(path)
+    records = load_record_file(path, strict=True).records
+    if check_files:
+        media = MediaPaths(path.parent)
+        for index, rec in enumerate(records):
+            for k, entry in enumerate(image_list(rec)):
+                field = f"image[{k}]" if isinstance(rec["image"], list) else "image"
+                try:
+                    found = media.resolve(entry).is_file()
+                except MediaError as err:
+                    raise SchemaError(
+                        str(err), source=path, index=index, record_id=rec["id"], field=field
+                    ) from err
+                if not found:
+                    reason = f"image file not found: {media.resolve(entry)}"
                     raise SchemaError(reason, source=path, index=index, record_id=rec["id"], field=field)
     return records
 

@@ -9,55 +9,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from data.processor import VLMProcessor
 from data.tokenizer import ensure_image_token, train_tokenizer
 
-from .config import DataSection, ModelSection
+from .config import DataConfig, ModelConfig, to_plain
 from .llm import build_llm, load_tokenizer
 from .model import VLM, VLMConfig
 
 
-def build_tokenizer(model_cfg: ModelSection, corpus: Iterable[str] | None = None) -> Any:
+class ModelLoadError(ValueError):
+    """A model directory is incomplete or corrupt; the message names the file."""
+
+
+def build_tokenizer(model_cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any:
     """The configured tokenizer, else the LLM's own, else a BPE trained on ``corpus`` (the tiny default)."""
-    if model_cfg.tokenizer:
-        tok = load_tokenizer(model_cfg.tokenizer)
-    elif model_cfg.llm.get("path"):
-        tok = load_tokenizer(model_cfg.llm["path"])
+    if model_cfg.tokenizer.path:
+        tok = load_tokenizer(model_cfg.tokenizer.path)
+    elif model_cfg.llm.path:
+        tok = load_tokenizer(model_cfg.llm.path)
     else:
         if corpus is None:
             raise ValueError("no tokenizer configured and no training text to train one on")
         tok = train_tokenizer(
-            corpus, None, vocab_size=model_cfg.tokenizer_vocab_size, digits=model_cfg.tokenizer_digits
+            corpus, None, vocab_size=model_cfg.tokenizer.vocab_size, digits=model_cfg.tokenizer.digits
         )
     ensure_image_token(tok)
     return tok
 
 
-def build_vlm(model_cfg: ModelSection, tokenizer: Any) -> VLM:
+def build_vlm(model_cfg: ModelConfig, tokenizer: Any) -> VLM:
     llm = build_llm(model_cfg.llm, tokenizer)
     config = VLMConfig(
         text_config=llm.config,
-        experts=model_cfg.experts,
-        projector=model_cfg.projector,
+        experts=to_plain(model_cfg.experts),
+        projector=to_plain(model_cfg.projector),
         image_token_id=ensure_image_token(tokenizer),
         visual_delta=model_cfg.visual_delta,
-        loss_weighting=model_cfg.loss_weighting,
     )
     return VLM(config, llm=llm)
 
 
-def make_processor(
-    model: VLM, tokenizer: Any, data_cfg: DataSection | None = None, extra: dict[str, Any] | None = None
-) -> VLMProcessor:
-    data_cfg = data_cfg or DataSection()
+def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = None) -> VLMProcessor:
+    data_cfg = data_cfg or DataConfig()
     return VLMProcessor(
         tokenizer,
         {name: expert.preprocess for name, expert in model.experts.items()},
         model.tokens_per_image,
         system_prompt=data_cfg.system_prompt,
         max_length=data_cfg.max_length,
-        extra=extra,
+        box_format=data_cfg.box_format,
     )
 
 
@@ -80,6 +82,15 @@ def save_vlm(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
     return out
 
 
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header and check that its data is all there (cheap: no tensor is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors reports a bad header or a truncated file with its own error type
+        raise ModelLoadError(f"{path}: corrupt or truncated weights file ({err})") from err
+
+
 def load_vlm(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[VLM, VLMProcessor]:
@@ -87,6 +98,11 @@ def load_vlm(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights file")
+    for path in weights:
+        check_safetensors(path)
     model = VLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
     model.to(device).eval()
     processor = VLMProcessor.from_pretrained(

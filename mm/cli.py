@@ -51,43 +51,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
-    export = train(cfg, resume=args.resume, progress=not args.quiet)
+    overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    cfg = load_config(args.config, overrides)
+    export = train(
+        cfg,
+        resume=args.resume,
+        resume_from=args.resume_from,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(export.resolve())
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from data.schema import load_llava_json, write_json_atomic
+    from data.schema import write_bytes_atomic, write_json_atomic
 
-    from .build import load_vlm
-    from .evaluate import box_format_for, evaluate
-    from .inference import pick_device
+    from .evaluate import evaluate_file
+    from .inference import load_model
     from .report import print_metrics
 
-    device = pick_device(args.device)
-    model, processor = load_vlm(args.model, device=device)
-    data = Path(args.data)
-    records = load_llava_json(data)
-    if args.limit:
-        records = records[: args.limit]
-    metrics, rows = evaluate(
+    model, processor = load_model(args.model, device=args.device)
+    metrics, rows, skips = evaluate_file(
         model,
         processor,
-        records,
-        data.parent,
-        box_format_for(data),
+        args.data,
+        image_folder=args.image_folder,
+        media_roots=args.media_root or (),
+        strict=args.strict,
+        limit=args.limit or None,
+        scorer=args.scorer,
         batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
         blind=args.blind,
         progress=not args.quiet,
     )
-    print_metrics(metrics, title=f"{args.model} on {data}")
+    print_metrics(metrics, title=f"{args.model} on {args.data}")
+    if skips.count("eval"):
+        print(skips.summary("eval", len(rows)), file=sys.stderr)
     if args.predictions:
-        out = Path(args.predictions)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out)
+        write_bytes_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in rows).encode())
     if args.json:
         write_json_atomic(Path(args.json), metrics)
         print(Path(args.json).resolve())
@@ -95,29 +98,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from data.media import MediaError
-
     from .inference import Assistant
 
     assistant = Assistant(args.model, device=args.device)
     settings = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature
     )
-    images = list(args.image or [])
     if args.question:
         try:
-            for piece in assistant.stream(" ".join(args.question), images, **settings):
+            for piece in assistant.stream(" ".join(args.question), list(args.image or []), **settings):
                 print(piece, end="", flush=True)
-        except (MediaError, ValueError) as err:
+        except ValueError as err:  # a bad image (MediaError) or prompt
             print(f"error: {err}", file=sys.stderr)
             return 2
         print()
         return 0
     print(
-        "mm chat — type a question; ':image PATH' adds an image to the next question, "
-        "':reset' clears, ':quit' exits"
+        "mm chat: type a question; ':image PATH' adds an image to the next question, "
+        "':reset' clears the conversation, ':quit' exits"
     )
-    pending = images
+    pending = list(args.image or [])
     while True:
         try:
             line = input(">>> ").strip()
@@ -139,9 +139,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             for piece in assistant.stream(line, pending, **settings):
                 print(piece, end="", flush=True)
             print()
-            pending = []
-        except (MediaError, ValueError) as err:
+        except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
+            if pending:
+                print(f"dropped the queued image(s): {', '.join(map(str, pending))}", file=sys.stderr)
+        pending = []  # used or refused: either way a later question does not carry them
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -170,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quickstart", help="generate ShapesWorld, train the tiny default model, evaluate it")
+    q = sub.add_parser(
+        "quickstart",
+        help="generate ShapesWorld, train the tiny default model (replacing OUT/run), evaluate it",
+    )
     q.add_argument("--out", default="quickstart", help="output directory (default ./quickstart)")
     q.add_argument(
         "--recipe",
@@ -204,17 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--resume-from", metavar="DIR", help="continue from this checkpoint folder (step_N)")
+    t.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's checkpoints and logs in output_dir"
+    )
+    t.add_argument(
+        "--strict", action="store_true", help="stop at a record that breaks the schema (default: skip)"
+    )
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a model directory on LLaVA JSON with meta (ShapesWorld)")
+    e = sub.add_parser("eval", help="evaluate a model directory on a LLaVA JSON file")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", required=True, help="LLaVA .json / .jsonl; meta.task picks each record's scorer")
     e.add_argument("--json", help="write metrics to this JSON file")
-    e.add_argument("--predictions", help="write per-record predictions (JSONL)")
+    e.add_argument(
+        "--predictions", help="write one row per record (JSONL): prediction and score, or why skipped"
+    )
+    e.add_argument(
+        "--scorer", help="score every record with this scorer (exact_match, object_recall, box_iou)"
+    )
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: each scorer's budget")
+    e.add_argument(
+        "--image-folder", help="where relative image paths start (default: the JSON file's folder)"
+    )
+    e.add_argument("--media-root", action="append", help="another folder records may point into (repeatable)")
+    e.add_argument("--strict", action="store_true", help="stop at a record that breaks the schema")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--limit", type=int, default=0, help="only the first N records of the file")
     e.add_argument("--blind", action="store_true", help="blank the images")
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
@@ -234,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from data.skips import NothingUsable
+
     try:
         return args.func(args)
+    except NothingUsable as err:  # the job ran, but every input was skipped
+        print(f"mm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"mm {args.command}: error: {err}", file=sys.stderr)
         return 2

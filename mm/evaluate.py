@@ -1,205 +1,145 @@
-"""Scoring a VLM on ShapesWorld-style records (``meta`` says the task and the answer).
+"""Evaluation: answer each record's last question through the one generation path, then score it.
 
-Metrics (fractions in [0, 1]): ``qa_exact_match`` and ``qa_by_type``; ``caption_object_recall`` (share
-of ground-truth objects whose colour and shape the caption names); ``grounding_acc@0.5`` and
-``grounding_miou`` (IoU of the parsed box with the target); ``describe_exact_match``. Records without
-``meta`` are scored by exact match against their last answer (``exact_match``).
+Scoring is ``data.scoring`` (a scorer per ``meta.task``). Every record ends up as one row: scored (question,
+answer, prediction, the scorer's fields) or skipped (which file, why): a record with a broken schema, an
+unreadable or refused image, a prompt that does not fit, or fields its scorer needs but lacks. A run where
+nothing could be scored raises ``NothingUsable`` rather than reporting zeros.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from data.boxes import BoxFormat, box_iou, parse_box
-from data.media import MediaError, load_image
+from data.media import MediaPaths, load_image
 from data.processor import VLMProcessor
-from data.schema import resolve_image_paths
+from data.schema import RecordFile, image_list, load_record_file
+from data.scoring import ScoreContext, aggregate, score_record, scorer_for, task_of
+from data.skips import NothingUsable, Skip, SkipLog
 
+from .generation import GenerationSettings
+from .inference import Prompt, collate, decode, generate_ids, prepare
 from .model import VLM
 
-MAX_NEW_TOKENS = {"caption": 64, "ground": 32, "describe": 16, "qa": 8}
-_PUNCT = re.compile(r"[^\w\s]")
 
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, single spaces — the usual VQA-style normalisation."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def caption_object_hits(caption: str, objects: Sequence[dict[str, Any]]) -> int:
-    """How many ground-truth objects the caption names by colour and shape (each mention counts once).
-
-    Mentions are adjacent word pairs ("red circle", plural "red circles" too); each ground-truth object
-    consumes one matching mention, so three listed objects cannot be matched by one mention.
-    """
-    words = normalize_answer(caption).split()
-    said: Counter[tuple[str, str]] = Counter()
-    for first, second in zip(words, words[1:]):
-        said[(first, second)] += 1
-        # both singular candidates: "crosses" -> "cross", but "circles" -> "circle" (not "circl")
-        for suffix in ("es", "s"):
-            if second.endswith(suffix):
-                said[(first, second[: -len(suffix)])] += 1
-    hits = 0
-    for obj in objects:
-        key = (obj["colour"], obj["shape"])
-        if said[key] > 0:
-            said[key] -= 1
-            hits += 1
-    return hits
-
-
-def _first_prompt(rec: dict[str, Any]) -> list[dict[str, str]]:
+def question_turns(rec: dict[str, Any]) -> list[dict[str, str]]:
     """The conversation up to (not including) the last assistant answer."""
     conv = rec["conversations"]
     return conv[:-1] if conv and conv[-1]["from"] == "gpt" else conv
 
 
-def _task(rec: dict[str, Any]) -> str:
-    return (rec.get("meta") or {}).get("task", "other")
-
-
-def score(rec: dict[str, Any], prediction: str, box_format: BoxFormat) -> dict[str, Any]:
-    """Per-record score: the fields that the aggregate metrics average."""
-    meta = rec.get("meta") or {}
-    task = meta.get("task", "other")
-    answer = meta.get("answer", rec["conversations"][-1]["value"])
-    out: dict[str, Any] = {"task": task}
-    if task == "qa":
-        out["qa_type"] = meta.get("qa_type", "other")
-        out["correct"] = normalize_answer(prediction) == normalize_answer(str(answer))
-    elif task == "caption":
-        objects = meta.get("objects", [])
-        out["hits"], out["total"] = caption_object_hits(prediction, objects), len(objects)
-    elif task == "ground":
-        size = meta.get("image_size", 0)
-        wh = (size, size) if isinstance(size, (int, float)) else tuple(size)
-        box = parse_box(prediction, wh, box_format)
-        out["iou"] = 0.0 if box is None else box_iou(box, meta["box"])
-        out["parsed"] = box is not None
-    else:
-        out["correct"] = normalize_answer(prediction) == normalize_answer(str(answer))
-    return out
-
-
-def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for s in scores:
-        by_task[s["task"]].append(s)
-
-    def mean(xs: Sequence[float]) -> float:
-        return float(sum(xs) / len(xs)) if xs else 0.0
-
-    qa = by_task.get("qa", [])
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for s in qa:
-        by_type[s["qa_type"]].append(s["correct"])
-    captions = by_task.get("caption", [])
-    ground = by_task.get("ground", [])
-    metrics: dict[str, Any] = {
-        "qa_exact_match": mean([s["correct"] for s in qa]),
-        "qa_by_type": {k: mean(v) for k, v in sorted(by_type.items())},
-        "caption_object_recall": sum(s["hits"] for s in captions) / max(1, sum(s["total"] for s in captions)),
-        "grounding_acc@0.5": mean([s["iou"] >= 0.5 for s in ground]),
-        "grounding_miou": mean([s["iou"] for s in ground]),
-        "describe_exact_match": mean([s["correct"] for s in by_task.get("describe", [])]),
-        "counts": {k: len(v) for k, v in sorted(by_task.items())},
-    }
-    if by_task.get("other"):
-        metrics["exact_match"] = mean([s["correct"] for s in by_task["other"]])
-    return metrics
-
-
-def box_format_for(data_path: Path) -> BoxFormat:
-    """The box format the data was written with (ShapesWorld records it next to the splits)."""
-    info = data_path.parent / "shapesworld.json"
-    if info.is_file():
-        fmt = json.loads(info.read_text()).get("box_format") or {}
-        return BoxFormat(**{k: v for k, v in fmt.items() if k in ("frame", "template")})
-    return BoxFormat()
+def _skipped_row(skip: Skip, skips: SkipLog) -> dict[str, Any]:
+    skips.add(skip)
+    return {"id": skip.id, "index": skip.index, "skipped": skip.reason, "path": skip.path}
 
 
 @torch.inference_mode()
-def predict(
-    model: VLM,
-    processor: VLMProcessor,
-    records: Sequence[dict[str, Any]],
-    base_dir: Path,
-    *,
-    batch_size: int = 64,
-    blind: bool = False,
-    progress: bool = True,
-) -> list[str | None]:
-    """Greedy answers for each record's last question (None where its image could not be read)."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(records)), key=lambda i: (_task(records[i]), len(json.dumps(records[i]))))
-    predictions: list[str | None] = [None] * len(records)
-    tok = processor.tokenizer
-    bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        feats, kept = [], []
-        for i in chunk:
-            rec = records[i]
-            try:
-                images = [load_image(p) for p in resolve_image_paths(rec, base_dir)]
-            except MediaError:
-                continue
-            if blind:
-                images = [im.point(lambda _: 0) for im in images]
-            feats.append(processor(_first_prompt(rec), images, for_generation=True))
-            kept.append(i)
-        bar.update(len(chunk))
-        if not feats:
-            continue
-        batch = processor.collate(feats, padding_side="left")
-        pv = batch["pixel_values"]
-        pv = None if pv is None else {k: v.to(device) for k, v in pv.items()}
-        max_new = max(MAX_NEW_TOKENS.get(_task(records[i]), 64) for i in kept)
-        new = model.generate(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device), pv, max_new_tokens=max_new
-        )
-        for i, row in zip(kept, new.tolist()):
-            predictions[i] = tok.decode(row, skip_special_tokens=True).strip()
-    bar.close()
-    return predictions
-
-
 def evaluate(
     model: VLM,
     processor: VLMProcessor,
     records: Sequence[dict[str, Any]],
-    base_dir: Path,
-    box_format: BoxFormat,
-    **kwargs: Any,
+    media: MediaPaths,
+    *,
+    indices: Sequence[int] | None = None,
+    scorer: str | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    blind: bool = False,
+    progress: bool = True,
+    skips: SkipLog | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and per-record predictions (with their scores) for ``records``."""
-    predictions = predict(model, processor, records, base_dir, **kwargs)
-    rows, scores = [], []
-    for rec, pred in zip(records, predictions):
-        if pred is None:
-            rows.append({"id": rec.get("id"), "error": "unreadable media"})
+    """Metrics and one row per record (in order). ``indices``: the records' positions in their file;
+    ``skips`` collects the skipped ones (and prints the first few)."""
+    indices = list(range(len(records))) if indices is None else list(indices)
+    skips = skips if skips is not None else SkipLog()
+    device = next(model.parameters()).device
+    rows: list[dict[str, Any] | None] = [None] * len(records)
+    order = sorted(range(len(records)), key=lambda i: (task_of(records[i]), len(json.dumps(records[i]))))
+    bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        chunk, features, sizes = [], [], []
+        for i in order[start : start + batch_size]:
+            rec = records[i]
+            try:
+                images = [load_image(media.resolve(entry)) for entry in image_list(rec)]
+                if blind:  # black images of the same sizes: the no-vision baseline
+                    images = [Image.new("RGB", im.size) for im in images]
+                features.append(prepare(processor, Prompt(question_turns(rec), images)))
+            except ValueError as err:  # MediaError, or a prompt the processor cannot take
+                rows[i] = _skipped_row(Skip.from_error("eval", indices[i], rec.get("id"), err), skips)
+                continue
+            chunk.append(i)
+            sizes.append(images[0].size if images else None)
+        bar.update(min(batch_size, len(order) - start))
+        if not chunk:
             continue
-        s = score(rec, pred, box_format)
-        scores.append(s)
-        rows.append(
-            {
+        budget = max_new_tokens or max(scorer_for(task_of(records[i]), scorer).max_new_tokens for i in chunk)
+        batch = collate(processor, features, device)
+        predictions = decode(processor, generate_ids(model, batch, GenerationSettings(max_new_tokens=budget)))
+        for i, prediction, size in zip(chunk, predictions, sizes):
+            rec = records[i]
+            ctx = ScoreContext(box_format=processor.box_format, image_size=size)
+            try:
+                scored = score_record(rec, prediction, ctx, scorer)
+            except ValueError as err:  # the record lacks what its scorer needs (e.g. meta.objects)
+                skip = Skip("eval", indices[i], rec.get("id"), str(err))
+                rows[i] = {**_skipped_row(skip, skips), "prediction": prediction}
+                continue
+            rows[i] = {
                 "id": rec.get("id"),
+                "index": indices[i],
                 "image": rec.get("image"),
-                "question": _first_prompt(rec)[-1]["value"],
+                "question": question_turns(rec)[-1]["value"],
                 "answer": rec["conversations"][-1]["value"],
-                "prediction": pred,
-                **s,
+                "prediction": prediction,
+                **scored,
             }
-        )
-    metrics = aggregate(scores)
-    metrics["skipped"] = sum(1 for p in predictions if p is None)
-    return metrics, rows
+    bar.close()
+    done = [r for r in rows if r is not None]
+    scored_rows = [r for r in done if "skipped" not in r]
+    metrics = aggregate(scored_rows, scorer)
+    metrics["scored"], metrics["skipped"] = len(scored_rows), len(done) - len(scored_rows)
+    return metrics, done
+
+
+def evaluate_file(
+    model: VLM,
+    processor: VLMProcessor,
+    path: str | Path,
+    *,
+    image_folder: str | Path | None = None,
+    media_roots: Sequence[str | Path] = (),
+    strict: bool = False,
+    limit: int | None = None,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]], SkipLog]:
+    """``evaluate`` on the first ``limit`` records of a LLaVA file; records that break the schema are
+    skipped rows of their own (``strict``: raise). Raises ``NothingUsable`` when nothing could be scored."""
+    loaded: RecordFile = load_record_file(path, strict=strict)
+    keep = [k for k, index in enumerate(loaded.indices) if not limit or index < limit]
+    skips = SkipLog()
+    rows = [
+        _skipped_row(Skip.from_error("eval", None, None, err), skips)
+        for err in loaded.errors
+        if not limit or err.index is None or err.index < limit
+    ]
+    metrics, scored = evaluate(
+        model,
+        processor,
+        [loaded.records[k] for k in keep],
+        MediaPaths(image_folder or loaded.path.parent, media_roots),
+        indices=[loaded.indices[k] for k in keep],
+        skips=skips,
+        **kwargs,
+    )
+    rows = sorted(rows + scored, key=lambda r: -1 if r["index"] is None else r["index"])
+    metrics["skipped"] = skips.count("eval")
+    if metrics["scored"] == 0:
+        raise NothingUsable(f"nothing was scored in {path}: {skips.summary('eval', len(rows))}")
+    return metrics, rows, skips

@@ -66,15 +66,14 @@ def generate(
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    llm = model.llm
     positions = model.position_ids_for(input_ids, attention_mask)
     embeds = model.embed(input_ids, pixel_values)
-    cache = DynamicCache(config=llm.config)
-    out = llm(
+    cache = DynamicCache(config=model.llm.config)
+    out = model.run_llm(
+        cache=cache,
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -95,11 +94,11 @@ def generate(
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = llm(
+        out = model.run_llm(
+            cache=cache,
             input_ids=tok[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=cache,
             use_cache=True,
         )
         next_pos = next_pos + 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from data.tokenizer import ensure_image_token
+
+from .config import LLMConfig
 
 # Families we can build from scratch by name (the tiny default and tests); anything else loads from a path.
 _FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
@@ -26,7 +30,6 @@ def tiny_llm_config(
     max_position_embeddings: int = 4096,
     rope_theta: float = 10000.0,
     tie_word_embeddings: bool = True,
-    **extra: Any,
 ):
     """A small decoder config sized to ``tokenizer`` (vocab, pad/eos ids)."""
     if family not in _FAMILIES:
@@ -48,7 +51,6 @@ def tiny_llm_config(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
-        **extra,
     )
 
 
@@ -59,22 +61,21 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_llm(spec: dict[str, Any], tokenizer: Any, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """``spec`` is ``{"path": local_dir}`` (a pretrained HF causal LM) or ``{"family": "llama", ...sizes}``.
+def build_llm(cfg: LLMConfig, tokenizer: Any, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The pretrained HF causal LM at ``cfg.path``, or a small one built from ``cfg``'s sizes.
 
     The tokenizer must already hold ``<image>``; the embedding matrix grows to fit it if needed.
     """
-    spec = dict(spec)
     ensure_image_token(tokenizer)
-    if spec.get("path"):
-        path = Path(spec.pop("path"))
+    if cfg.path:
+        path = Path(cfg.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"LLM directory {path} has no config.json (nothing is downloaded)")
         AutoConfig.from_pretrained(path)  # a clear error for unknown architectures before loading weights
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     else:
-        family = spec.pop("family", "llama")
-        llm = AutoModelForCausalLM.from_config(tiny_llm_config(family, tokenizer, **spec))
+        config = tiny_llm_config(cfg.family or "llama", tokenizer, **cfg.scratch_settings())
+        llm = AutoModelForCausalLM.from_config(config)
         if dtype is not None:
             llm = llm.to(dtype)
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
@@ -85,3 +86,17 @@ def build_llm(spec: dict[str, Any], tokenizer: Any, dtype: torch.dtype | None = 
     if tokenizer.eos_token_id is not None:
         llm.generation_config.eos_token_id = tokenizer.eos_token_id
     return llm
+
+
+@cache
+def _cache_argument(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_argument(llm: PreTrainedModel) -> str:
+    """The keyword under which this LLM's ``forward`` takes a KV cache in the installed transformers.
+
+    transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns on every call and goes in
+    5.40); passing the name the signature declares keeps both old and new releases quiet and working.
+    """
+    return _cache_argument(type(llm).forward)

@@ -7,6 +7,7 @@ the LLM always gets an explicit attention mask.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -14,11 +15,13 @@ from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from projectors import build_projector
+from data.processor import BranchBatch
+from projectors import ProjectorConfig, build_projector
 from vision.experts import ExpertConfig, VisualExpert
 
-from .positions import branch_attention_mask as packed_branch_mask
-from .positions import branch_position_ids, build_position_ids, next_positions
+from .llm import cache_argument
+from .loss import mean_loss, shifted_loss_terms
+from .positions import build_position_ids, next_positions
 
 
 class VLMConfig(PretrainedConfig):
@@ -33,62 +36,23 @@ class VLMConfig(PretrainedConfig):
         projector: dict | None = None,
         image_token_id: int = 0,
         visual_delta: float = 1.0,
-        loss_weighting: str = "token",
         **kwargs: Any,
     ):
-        if loss_weighting not in ("token", "answer"):
-            raise ValueError(f"loss_weighting must be 'token' or 'answer', got {loss_weighting!r}")
         if isinstance(text_config, dict):
             text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
         self.text_config = text_config
         self.experts = [ExpertConfig.from_dict(e).to_dict() for e in (experts or [])]
-        self.projector = dict(projector or {"type": "mlp", "depth": 2})
+        self.projector = asdict(ProjectorConfig.from_dict(projector or {}))
         self.image_token_id = image_token_id
         self.visual_delta = float(visual_delta)
-        self.loss_weighting = loss_weighting  # "answer": every answer weighs the same in the loss
+        kwargs.pop("loss_weighting", None)  # a training setting in models saved before it moved to train
         super().__init__(**kwargs)
 
     def expert_configs(self) -> list[ExpertConfig]:
         return [ExpertConfig.from_dict(e) for e in self.experts]
 
 
-def shifted_loss_terms(
-    logits: torch.Tensor, labels: torch.Tensor, weighting: str = "token"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross entropy as (weighted sum, total weight), so several row groups can share one mean.
-
-    ``"token"``: every labelled token weighs 1 (HF's mean). ``"answer"``: every answer (a run of labelled
-    tokens) weighs the same, each of its n tokens 1/n, so long answers (captions, boxes) do not drown one-word
-    answers. Vectorised: run ids come from a cumulative sum over run starts.
-    """
-    targets = labels[:, 1:]
-    valid = targets != -100
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten().clamp_min(0), reduction="none"
-    ).view_as(targets)
-    if weighting == "token":
-        weights = valid.float()
-    else:
-        starts = valid & ~torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
-        run_id = torch.cumsum(starts.flatten().long(), 0).view_as(valid) * valid  # 0: unlabelled
-        counts = torch.zeros(int(run_id.numel()) + 1, device=labels.device).scatter_add_(
-            0, run_id.flatten(), valid.flatten().float()
-        )
-        weights = torch.where(valid, 1.0 / counts[run_id].clamp_min(1.0), torch.zeros_like(ce))
-    return (ce * weights).sum(), weights.sum()
-
-
-def _mean_loss(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One mean over several (weighted sum, weight) terms from ``shifted_loss_terms``."""
-    return sum(t for t, _ in terms) / sum(w for _, w in terms).clamp_min(1e-9)
-
-
-def answer_weighted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy where every answer weighs the same (see ``shifted_loss_terms``)."""
-    return _mean_loss([shifted_loss_terms(logits, labels, "answer")])
-
-
-def _select_cache_rows(cache: Any, index: torch.Tensor, config: PretrainedConfig) -> DynamicCache:
+def _select_cache_rows(cache: DynamicCache, index: torch.Tensor, config: PretrainedConfig) -> DynamicCache:
     """A new KV cache holding rows ``index`` of ``cache`` (differentiable ``index_select``, per layer)."""
     selected = DynamicCache(config=config)
     for layer, source in zip(selected.layers, cache.layers):
@@ -115,14 +79,15 @@ class VLM(PreTrainedModel):
         if not experts:
             raise ValueError("VLMConfig.experts is empty: a VLM needs at least one visual expert")
         self.experts = nn.ModuleDict({e.name: VisualExpert(e) for e in experts})
-        proj = dict(config.projector)
-        kind = proj.pop("type", "mlp")
+        projector = ProjectorConfig.from_dict(config.projector)
         self.projectors = nn.ModuleDict(
             {
-                name: build_projector(kind, ex.out_dim, hidden, grid=ex.grid_size, **proj)
+                name: build_projector(projector, ex.out_dim, hidden, grid=ex.grid_size)
                 for name, ex in self.experts.items()
             }
         )
+        # A training knob (train.loss_weighting), set by the trainer; not part of the saved model.
+        self.loss_weighting = "token"
         self.post_init()
 
     # -- HF plumbing ---------------------------------------------------------------------------------
@@ -144,6 +109,12 @@ class VLM(PreTrainedModel):
     def tokens_per_image(self) -> int:
         """LLM positions one image occupies (sum over experts of each projector's output length)."""
         return sum(self.projectors[n].output_length(e.num_tokens) for n, e in self.experts.items())
+
+    def run_llm(self, cache: Any = None, **inputs: Any) -> CausalLMOutputWithPast:
+        """The LLM's forward, with the KV cache passed under the name the installed transformers expects."""
+        if cache is not None:
+            inputs[cache_argument(self.llm)] = cache
+        return self.llm(**inputs)
 
     # -- vision -------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -168,9 +139,11 @@ class VLM(PreTrainedModel):
         mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
 
-    def position_ids_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def position_ids_for(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return build_position_ids(
-            input_ids, attention_mask, self.config.image_token_id, self.config.visual_delta
+            input_ids, attention_mask, self.config.image_token_id, self.config.visual_delta, start=start
         )
 
     # -- forward ------------------------------------------------------------------------------------
@@ -183,58 +156,27 @@ class VLM(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool | None = None,
-        segment_ids: torch.Tensor | None = None,
-        branch_input_ids: torch.Tensor | None = None,
-        branch_attention_mask: torch.Tensor | None = None,
-        branch_labels: torch.Tensor | None = None,
-        branch_owner: torch.Tensor | None = None,
-        branch_groups: list[tuple[int, int, int]] | None = None,
+        branches: BranchBatch | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Training with single-turn branches on a shared prefix (``VLMProcessor.tokenize_branched``) comes
-        in two equivalent layouts: packed rows with ``segment_ids`` (the LLM gets a 4-D mask and per-branch
-        positions), or prefix rows + ``branch_*`` rows (``VLMProcessor.split_branches``; see
-        ``_forward_branches``)."""
-        if branch_input_ids is not None:
-            return self._forward_branches(
-                input_ids,
-                attention_mask,
-                pixel_values,
-                labels,
-                branch_input_ids,
-                branch_attention_mask,
-                branch_labels,
-                branch_owner,
-                branch_groups,
-            )
+        """HF-standard forward; ``branches`` (from ``VLMProcessor.tokenize_branched``) trains single-turn
+        branches that continue the rows of ``input_ids`` (see ``_forward_branches``)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if segment_ids is not None:
-            if position_ids is None:
-                position_ids = branch_position_ids(
-                    input_ids,
-                    attention_mask,
-                    segment_ids,
-                    self.config.image_token_id,
-                    self.config.visual_delta,
-                )
-            attention_mask = packed_branch_mask(attention_mask, segment_ids)
-            if self.llm.config._attn_implementation == "eager":
-                attention_mask = torch.zeros(
-                    attention_mask.shape, dtype=self.dtype, device=input_ids.device
-                ).masked_fill(~attention_mask, torch.finfo(self.dtype).min)
+        if branches is not None:
+            return self._forward_branches(input_ids, attention_mask, pixel_values, labels, branches)
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask)
-        out = self.llm(
+        out = self.run_llm(
+            cache=past_key_values,
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache if use_cache is not None else False,
+            use_cache=bool(use_cache),
             **kwargs,
         )
         if labels is not None:
-            out.loss = _mean_loss([shifted_loss_terms(out.logits, labels, self.config.loss_weighting)])
+            out.loss = mean_loss([shifted_loss_terms(out.logits, labels, self.loss_weighting)])
         return out
 
     def _forward_branches(
@@ -243,23 +185,20 @@ class VLM(PreTrainedModel):
         attention_mask: torch.Tensor,
         pixel_values: dict[str, torch.Tensor] | torch.Tensor | None,
         labels: torch.Tensor | None,
-        branch_input_ids: torch.Tensor,
-        branch_attention_mask: torch.Tensor,
-        branch_labels: torch.Tensor | None,
-        branch_owner: torch.Tensor,
-        branch_groups: list[tuple[int, int, int]] | None = None,
+        branches: BranchBatch,
     ) -> CausalLMOutputWithPast:
         """Prefixes once with a KV cache, then every branch as a short row continuing its record's prefix.
 
-        Same function as the packed 4-D mask, at a fraction of the attention cost (prefix x branch instead
-        of the packed length squared), and the LM head runs only where there are labels. The cache rows are
-        gathered per branch with ``index_select``, so gradients flow back into the prefix. Branch rows run
-        in length groups (``(start, end, length)`` from the collator), each cut to its own length. Returns
-        the loss only (a training path).
+        The same function as running each branch as its own single-turn conversation, at a fraction of the
+        cost: the image is encoded once, attention costs prefix x branch, and the LM head runs only where
+        there are labels. The cache rows are gathered per branch with ``index_select``, so gradients flow back
+        into the prefix. Branch rows run in length groups, each cut to its own length. Returns the loss only
+        (a training path; gathering every group's logits would copy them each step).
         """
-        cfg = self.config
         prefix_positions = self.position_ids_for(input_ids, attention_mask)
-        prefix = self.llm(
+        cache = DynamicCache(config=self.llm.config)
+        prefix = self.run_llm(
+            cache=cache,
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=prefix_positions,
@@ -267,27 +206,23 @@ class VLM(PreTrainedModel):
             logits_to_keep=0 if labels is not None else 1,
         )
         start = next_positions(prefix_positions, attention_mask)
-        groups = branch_groups or [(0, branch_input_ids.shape[0], branch_input_ids.shape[1])]
         terms = []
-        for first, last, length in groups:
-            owner = branch_owner[first:last]
-            ids, mask = branch_input_ids[first:last, :length], branch_attention_mask[first:last, :length]
-            out = self.llm(
+        for first, last, length in branches.groups:
+            owner = branches.owner[first:last]
+            ids, mask = branches.input_ids[first:last, :length], branches.attention_mask[first:last, :length]
+            out = self.run_llm(
+                cache=_select_cache_rows(cache, owner, self.llm.config),
                 inputs_embeds=self.get_input_embeddings()(ids),
                 attention_mask=torch.cat([attention_mask[owner], mask], dim=1),
-                position_ids=build_position_ids(
-                    ids, mask, cfg.image_token_id, cfg.visual_delta, start=start[owner]
-                ),
-                past_key_values=_select_cache_rows(prefix.past_key_values, owner, self.llm.config),
+                position_ids=self.position_ids_for(ids, mask, start=start[owner]),
                 use_cache=True,
             )
-            if branch_labels is not None:
-                group_labels = branch_labels[first:last, :length]
-                terms.append(shifted_loss_terms(out.logits, group_labels, cfg.loss_weighting))
-        if terms and labels is not None:
-            terms.append(shifted_loss_terms(prefix.logits, labels, cfg.loss_weighting))
-        # training only: the loss, no logits (gathering every group's logits would copy them each step)
-        return CausalLMOutputWithPast(loss=_mean_loss(terms) if terms else None)
+            terms.append(
+                shifted_loss_terms(out.logits, branches.labels[first:last, :length], self.loss_weighting)
+            )
+        if labels is not None:
+            terms.append(shifted_loss_terms(prefix.logits, labels, self.loss_weighting))
+        return CausalLMOutputWithPast(loss=mean_loss(terms))
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(

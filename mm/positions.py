@@ -49,38 +49,3 @@ def next_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
         dim=1
     )
     return torch.maximum(last, real_max) + 1.0
-
-
-def branch_position_ids(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    segment_ids: torch.Tensor,
-    image_token_id: int,
-    visual_delta: float = 1.0,
-) -> torch.Tensor:
-    """Positions for packed branches: segment 0 (the shared prefix) as usual; every other segment restarts
-    where the prefix ends, exactly as if it were the only continuation of that prefix."""
-    inc = token_increments(input_ids, attention_mask, image_token_id, visual_delta)
-    pos = torch.cumsum(inc, dim=1) - inc
-    prefix = segment_ids == 0
-    prefix_end = (inc * prefix).sum(dim=1, keepdim=True)
-    # position of each segment's first token, via a per-row minimum over the segment
-    big = torch.finfo(pos.dtype).max
-    starts = torch.full((pos.shape[0], pos.shape[1] + 1), big, dtype=pos.dtype, device=pos.device)
-    starts = starts.scatter_reduce(1, segment_ids, torch.where(attention_mask.bool(), pos, big), "amin")
-    seg_start = starts.gather(1, segment_ids)
-    branch = pos - seg_start + prefix_end
-    return torch.where(prefix, pos, branch) * attention_mask.to(pos.dtype)
-
-
-def branch_attention_mask(attention_mask: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, L, L]`` boolean mask: causal, and a branch token sees the prefix (segment 0) and its own
-    segment only. Every row may see itself, so padded rows never produce NaN."""
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    prefix = (segment_ids == 0)[:, None, :]
-    valid = attention_mask.bool()[:, None, :]
-    allowed = causal & valid & (same | prefix)
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    return allowed[:, None]

@@ -49,13 +49,16 @@ def run_quickstart(
     reuse_data: bool = True,
     recipe_name: str = RECIPE,
 ) -> Path:
+    """Generate (or reuse) the data, train from scratch in ``out/run`` (replacing an earlier quickstart run
+    there), evaluate on the test split and write ``out/metrics.json``; returns its path."""
     from data.boxes import BoxFormat
-    from data.schema import load_llava_json, write_json_atomic
-    from data.shapesworld import generate
+    from data.schema import write_bytes_atomic, write_json_atomic
+    from data.shapesworld import ensure_dataset
 
-    from .build import load_vlm
-    from .evaluate import box_format_for, evaluate
+    from .evaluate import evaluate_file
+    from .inference import load_model
     from .report import console, print_metrics, print_samples
+    from .train import train
 
     t0 = time.perf_counter()
     spec = apply_overrides(recipe(recipe_name), list(overrides or []))
@@ -64,25 +67,25 @@ def run_quickstart(
         data_spec["n"] = n
     out = Path(out)
     data_dir = out / "data"
-    info_path = data_dir / "shapesworld.json"
-    reuse = (
-        reuse_data and info_path.is_file() and json.loads(info_path.read_text()).get("n") == data_spec["n"]
+    box_format = BoxFormat(frame=data_spec.get("box_frame", 1000))
+    console.print(f"[bold]1/3[/bold] ShapesWorld ({data_spec['n']} images) in {data_dir}")
+    _, reused = ensure_dataset(
+        data_dir,
+        n=data_spec["n"],
+        reuse=reuse_data,
+        seed=data_spec.get("seed", 0),
+        image_size=data_spec["image_size"],
+        box_format=box_format,
+        progress=progress,
     )
-    if not reuse:
-        console.print(f"[bold]1/3[/bold] generating ShapesWorld ({data_spec['n']} images) in {data_dir}")
-        generate(
-            data_dir,
-            n=data_spec["n"],
-            seed=data_spec.get("seed", 0),
-            image_size=data_spec["image_size"],
-            box_format=BoxFormat(frame=data_spec.get("box_frame", 1000)),
-            progress=progress,
-        )
-    else:
-        console.print(f"[bold]1/3[/bold] reusing ShapesWorld in {data_dir}")
+    if reused:
+        console.print("    reusing the images generated earlier")
     run_dir = out / ("run_blind" if blind else "run")
     spec.setdefault("data", {}).update(
-        train=str(data_dir / "train.json"), val=str(data_dir / "val.json"), blind=blind
+        train=str(data_dir / "train.json"),
+        val=str(data_dir / "val.json"),
+        blind=blind,
+        box_format={"frame": box_format.frame, "template": box_format.template},
     )
     spec.setdefault("train", {})["output_dir"] = str(run_dir)
     if minutes is not None:
@@ -96,26 +99,13 @@ def run_quickstart(
     console.print(
         f"[bold]2/3[/bold] training the tiny VLM ({budget}) in {run_dir}" + (" [blind]" if blind else "")
     )
-    from .train import train
-
     t_train = time.perf_counter()
-    export = train(cfg, resume=False, progress=progress)
+    export = train(cfg, overwrite=True, progress=progress)
     train_minutes = (time.perf_counter() - t_train) / 60
 
     console.print(f"[bold]3/3[/bold] evaluating {export} on the test split")
-    from .inference import pick_device
-
-    model, processor = load_vlm(export, device=pick_device())
-    test = data_dir / "test.json"
-    metrics, rows = evaluate(
-        model,
-        processor,
-        load_llava_json(test),
-        data_dir,
-        box_format_for(test),
-        blind=blind,
-        progress=progress,
-    )
+    model, processor = load_model(export)
+    metrics, rows, _ = evaluate_file(model, processor, data_dir / "test.json", blind=blind, progress=progress)
     metrics["train_minutes"] = round(train_minutes, 2)
     metrics["total_minutes"] = round((time.perf_counter() - t0) / 60, 2)
     metrics["blind"] = blind
@@ -123,7 +113,7 @@ def run_quickstart(
     print_metrics(metrics, title="ShapesWorld test split" + (" (blind)" if blind else ""))
     print_samples(rows, str(data_dir))
     predictions = out / ("predictions_blind.jsonl" if blind else "predictions.jsonl")
-    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_bytes_atomic(predictions, "".join(json.dumps(r) + "\n" for r in rows).encode())
     metrics_path = out / ("metrics_blind.json" if blind else "metrics.json")
     write_json_atomic(metrics_path, metrics)
     return metrics_path

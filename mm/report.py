@@ -12,24 +12,26 @@ from rich.table import Table
 console = Console()
 
 
+INFO_KEYS = ("counts", "scored", "skipped", "train_minutes", "total_minutes", "blind", "model_dir")
+
+
 def print_metrics(metrics: dict[str, Any], title: str = "metrics") -> None:
+    """Every metric (breakdowns indented under their name), then how many records were scored / skipped."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in (
-        "qa_exact_match",
-        "caption_object_recall",
-        "grounding_acc@0.5",
-        "grounding_miou",
-        "describe_exact_match",
-        "exact_match",
-    ):
-        if key in metrics:
-            table.add_row(key, f"{metrics[key]:.3f}")
-    for qa_type, value in metrics.get("qa_by_type", {}).items():
-        table.add_row(escape(f"  qa[{qa_type}]"), f"{value:.3f}")
+    for key, value in metrics.items():
+        if key in INFO_KEYS:
+            continue
+        if isinstance(value, dict):
+            for part, v in value.items():
+                table.add_row(escape(f"  {key}[{part}]"), f"{v:.3f}")
+        elif isinstance(value, float):
+            table.add_row(escape(key), f"{value:.3f}")
     if "counts" in metrics:
         table.add_row("records", ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()))
+    if "skipped" in metrics:
+        table.add_row("scored / skipped", f"{metrics.get('scored', 0)} / {metrics['skipped']}")
     console.print(table)
 
 
@@ -39,7 +41,7 @@ def print_samples(rows: Sequence[dict[str, Any]], base_dir: str, k: int = 6) -> 
         table.add_column(col, overflow="fold")
     seen_tasks: dict[str, int] = {}
     for row in rows:
-        if "prediction" not in row:
+        if "prediction" not in row or "skipped" in row:
             continue
         key = row.get("qa_type", row.get("task", ""))
         if seen_tasks.get(key, 0) >= 1 or len(table.rows) >= k:

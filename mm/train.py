@@ -1,10 +1,9 @@
-"""Training on accelerate: stages ``align`` (projector only) and ``sft`` (projector + LLM, optionally
-experts).
+"""Training on accelerate: stages ``align`` (projector only) and ``sft`` (+ LLM, optionally experts).
 
-AdamW with warmup + cosine decay, gradient accumulation, bf16 where the hardware has it, periodic
-validation loss, atomic resumable checkpoints (model, optimizer, scheduler, sampler position, RNG), a final
-HF-directory export, JSONL + tensorboard logs and a progress bar. The same code runs in one CPU process and
-under ``accelerate launch`` (DDP / DeepSpeed).
+AdamW with warmup + cosine decay (by steps or a wall-clock budget), gradient accumulation, bf16 where the
+hardware has it, periodic validation loss, atomic resumable checkpoints (``mm.checkpoints``), a final HF
+directory, JSONL + tensorboard logs cut back to the resumed step, and every skipped input recorded once in
+``skipped.jsonl``. The same code runs in one CPU process and under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +24,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.dataset import Collator, ConversationDataset, ResumableSampler
-from data.schema import load_llava_json
+from data.media import MediaPaths
+from data.schema import RecordFile, load_record_file, write_bytes_atomic
+from data.skips import NothingUsable, Skip, SkipLog
 
-from .build import build_tokenizer, build_vlm, load_vlm, make_processor, save_vlm
+from .build import ModelLoadError, build_tokenizer, build_vlm, load_vlm, make_processor, save_vlm
+from .checkpoints import Checkpoint, CheckpointError, CheckpointManager, claim_output_dir
 from .config import RunConfig, save_config
 from .model import VLM
 
 log = logging.getLogger("mm.train")
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 
 
-# -- freezing -------------------------------------------------------------------------------------------
+# -- freezing and optimisation --------------------------------------------------------------------------
 def apply_stage(model: VLM, stage: str, train_experts: bool) -> dict[str, int]:
     """Freeze/unfreeze by stage; returns trainable parameter counts per part (logged, prismatic-style)."""
-    if stage not in ("align", "sft"):
-        raise ValueError(f"unknown training stage {stage!r}; known: ['align', 'sft']")
     model.llm.requires_grad_(stage == "sft")
     for expert in model.experts.values():
         expert.requires_grad_(train_experts and not expert.cfg.frozen)
@@ -68,7 +64,6 @@ def param_groups(model: VLM, cfg: RunConfig) -> list[dict[str, Any]]:
     ]
 
 
-# -- schedule -------------------------------------------------------------------------------------------
 @dataclass
 class Schedule:
     """Linear warmup, then cosine to ``min_lr_ratio`` over training progress.
@@ -92,8 +87,7 @@ class Schedule:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         p = self.progress(step, elapsed)
-        # cosine over the part of progress after warmup
-        w = self.warmup_steps / max(1, self.max_steps)
+        w = self.warmup_steps / max(1, self.max_steps)  # cosine over the progress after warmup
         q = 0.0 if p <= w else min(1.0, (p - w) / max(1e-9, 1 - w))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * q))
 
@@ -114,6 +108,73 @@ class TrainerState:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
+
+
+# -- logs and progress ----------------------------------------------------------------------------------
+class RunLog:
+    """``train_log.jsonl`` (+ tensorboard), cut back to ``resumed_step`` so no step is logged twice."""
+
+    def __init__(self, out: Path, enabled: bool, resumed_step: int):
+        self.path, self.enabled, self.tb = out / "train_log.jsonl", enabled, None
+        if not enabled:
+            return
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill
+                if row.get("step", 0) <= resumed_step and not row.get("final"):
+                    keep.append(line + "\n")
+            write_bytes_atomic(self.path, "".join(keep).encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
+        except ImportError:  # tensorboard is optional at run time
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A bar in the unit of the budget that will stop the run: steps, or minutes when time-budgeted."""
+
+    def __init__(self, schedule: Schedule, state: TrainerState, desc: str, enabled: bool):
+        self.schedule, self.state = schedule, state
+        self.minutes = schedule.max_seconds / 60 if schedule.max_seconds else None
+        if self.minutes:
+            fmt = "{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]"
+            self.bar = tqdm(total=self.minutes, desc=desc, bar_format=fmt, disable=not enabled)
+        else:
+            self.bar = tqdm(total=schedule.max_steps, desc=desc, unit="step", disable=not enabled)
+        self.update()
+
+    def update(self, **postfix: str) -> None:
+        s = self.state
+        if self.minutes:
+            self.bar.n = self.schedule.progress(s.step, s.elapsed) * self.minutes
+            postfix = {"step": str(s.step), **postfix}
+        else:
+            self.bar.n = s.step
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -138,144 +199,144 @@ def _batch_fingerprint(ids: list[Any]) -> str:
     return hashlib.sha1(json.dumps([str(i) for i in ids]).encode()).hexdigest()[:12]
 
 
-class JsonlLog:
-    """Append-only metrics log (never truncated, so a resumed run keeps its history)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "segment_ids",
-    "branch_input_ids",
-    "branch_attention_mask",
-    "branch_labels",
-    "branch_owner",
-    "branch_groups",
-)
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    # tensors move; the rest (labels None when no prefix token is labelled, branch_groups ints) passes as is
+    """The model's inputs of a collated batch, on ``device`` (labels may be None, see VLMProcessor)."""
     out = {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-        for k, v in batch.items()
-        if k in MODEL_INPUTS
+        k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+        for k in ("input_ids", "attention_mask", "labels")
     }
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
+    if "branches" in batch:
+        out["branches"] = batch["branches"].to(device, non_blocking=True)
     return out
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = output_dir / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    path = output_dir / CHECKPOINTS / pointer.read_text().strip()
-    return path if path.is_dir() else None
+def _corpus(records: list[dict[str, Any]]):
+    for rec in records:
+        for turn in rec["conversations"]:
+            yield turn["value"]
 
 
 # -- the trainer ----------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True):
-        self.cfg = cfg
-        self.out = Path(cfg.train.output_dir)
-        self.progress = progress
-        t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.accelerator = Accelerator(
-            mixed_precision=_mixed_precision(t.mixed_precision), gradient_accumulation_steps=t.grad_accum
-        )
-        set_seed(t.seed)
-        self.is_main = self.accelerator.is_main_process
-        self.out.mkdir(parents=True, exist_ok=True)
-        resume_from = latest_checkpoint(self.out) if resume else None
-        if resume and resume_from is None:
-            log.warning("--resume: no checkpoint under %s; starting from scratch", self.out / CHECKPOINTS)
+    """Set up in four named steps (run folder, model, data, optimisation), then ``train``."""
 
-        train_path = Path(cfg.data.train)
-        records = load_llava_json(train_path)
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        resume_from: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.train.output_dir)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.accelerator = Accelerator(
+            mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+            gradient_accumulation_steps=cfg.train.grad_accum,
+        )
+        self.is_main = self.accelerator.is_main_process
+        set_seed(cfg.train.seed)
+        start = self._setup_run_dir(resume or resume_from is not None, resume_from, overwrite)
+        model = self._setup_model(start)
+        self._setup_data()
+        self._setup_optimisation(model, start)
+
+    # -- set-up, step by step ---------------------------------------------------------------------------
+    def _setup_run_dir(
+        self, resume: bool, resume_from: str | Path | None, overwrite: bool
+    ) -> Checkpoint | None:
+        """Claim the output folder and find the checkpoint to continue from (None: a new run)."""
+        if self.is_main:
+            claim_output_dir(self.out, resume=resume, overwrite=overwrite)
+        self.accelerator.wait_for_everyone()
+        self.checkpoints = CheckpointManager(self.out, self.cfg.train.keep_checkpoints)
+        start = None
         if resume_from is not None:
-            # The tokenizer, model layout and processor come from the checkpoint's export, not retrained.
-            model, processor = load_vlm(resume_from / "export")
+            path = Path(resume_from)
+            start = Checkpoint(path, int(path.name.rsplit("_", 1)[-1]) if "_" in path.name else 0)
+            problem = self.checkpoints.problem(start)
+            if problem:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+        elif resume:
+            start = self.checkpoints.resume_point()
+            if start is None:
+                log.warning(
+                    "--resume: no complete checkpoint under %s; starting from step 0", self.checkpoints.root
+                )
+        self.skips = SkipLog(self.out / "skipped.jsonl" if self.is_main else None)
+        return start
+
+    def _setup_model(self, start: Checkpoint | None) -> VLM:
+        cfg = self.cfg
+        self.train_file = self._records(cfg.data.train, "train")
+        if start is not None:  # tokenizer, model layout and processor come from the checkpoint, not rebuilt
+            try:
+                model, processor = load_vlm(start.path / "export")
+            except (ModelLoadError, FileNotFoundError) as err:
+                raise CheckpointError(f"{err}; {self.checkpoints.previous_hint(start)}") from err
         elif cfg.model.init_from:
             model, processor = load_vlm(cfg.model.init_from)
         else:
-            tokenizer = build_tokenizer(cfg.model, _corpus(records))
+            tokenizer = build_tokenizer(cfg.model, _corpus(self.train_file.records))
             model = build_vlm(cfg.model, tokenizer)
             processor = make_processor(model, tokenizer, cfg.data)
         processor.max_length = cfg.data.max_length
-        info = train_path.parent / "shapesworld.json"
-        if info.is_file():  # remember how boxes are written, so inference can parse them back
-            processor.extra["box_format"] = json.loads(info.read_text()).get("box_format")
         processor.system_prompt = cfg.data.system_prompt
+        processor.box_format = cfg.data.box_format
         self.processor = processor
-        self.counts = apply_stage(model, t.stage, t.train_experts)
-        if t.expert_pretrain_steps and resume_from is None:
-            self._pretrain_experts(model, records, train_path.parent)
-        if t.attn_implementation:
-            model.llm.set_attn_implementation(t.attn_implementation)
-        if t.gradient_checkpointing:
+        self.counts = apply_stage(model, cfg.train.stage, cfg.train.train_experts)
+        model.loss_weighting = cfg.train.loss_weighting
+        if cfg.train.attn_implementation:
+            model.llm.set_attn_implementation(cfg.train.attn_implementation)
+        if cfg.train.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        return model.train()
 
-        self.train_set = ConversationDataset(
-            records,
-            processor,
-            train_path.parent,
-            cache_pixels=cfg.data.cache_pixels,
-            blind=cfg.data.blind,
-            branch_turns=cfg.data.branch_turns,
-            progress=progress and self.is_main,
+    def _records(self, path: str | None, split: str) -> RecordFile:
+        """A LLaVA file's valid records; broken ones are skipped and recorded (``data.strict``: raised)."""
+        loaded = load_record_file(path, strict=self.cfg.data.strict)
+        self.skips.extend(Skip.from_error(split, None, None, err) for err in loaded.errors)
+        return loaded
+
+    def _dataset(self, loaded: RecordFile, split: str, limit: int | None = None) -> ConversationDataset:
+        data = self.cfg.data
+        media = MediaPaths(data.image_folder or loaded.path.parent, data.media_roots)
+        dataset = ConversationDataset(
+            loaded.records[:limit],
+            self.processor,
+            media,
+            indices=loaded.indices[:limit],
+            split=split,
+            cache_pixels=data.cache_pixels or split == "val",
+            blind=data.blind,
+            branch_turns=data.branch_turns and split == "train",
+            progress=self.progress and self.is_main and split == "train",
         )
+        self.skips.extend(dataset.skipped)
+        return dataset
+
+    def _setup_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.train_set = self._dataset(self.train_file, "train")
+        if len(self.train_set) == 0:
+            raise NothingUsable(f"nothing to train on: {self.skips.summary('train', self.train_file.total)}")
         self.val_set = None
         if cfg.data.val:
-            val_path = Path(cfg.data.val)
-            val_records = load_llava_json(val_path)[: cfg.data.val_max_records]
-            self.val_set = ConversationDataset(
-                val_records,
-                processor,
-                val_path.parent,
-                cache_pixels=True,
-                blind=cfg.data.blind,
-                progress=False,
-            )
-        acc = self.accelerator
+            self.val_set = self._dataset(self._records(cfg.data.val, "val"), "val", cfg.data.val_max_records)
         self.sampler = ResumableSampler(
-            len(self.train_set), seed=t.seed, rank=acc.process_index, world_size=acc.num_processes
+            len(self.train_set), seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes
         )
-        # Branched records train as prefix + branch rows (cheap attention), unless gradient checkpointing is
-        # on: HF's checkpointed layers drop the KV cache that the split layout relies on.
-        split = cfg.data.branch_turns and cfg.data.branch_layout == "split" and not t.gradient_checkpointing
-        self.collate = Collator(processor, split_branches=split)
+        self.collate = Collator(self.processor)
+
+    def _setup_optimisation(self, model: VLM, start: Checkpoint | None) -> None:
+        t, acc = self.cfg.train, self.accelerator
         optimizer = torch.optim.AdamW(
-            param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available()
+            param_groups(model, self.cfg), lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available()
         )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.schedule = Schedule(
@@ -283,51 +344,18 @@ class Trainer:
         )
         self.state = TrainerState()
         acc.register_for_checkpointing(self.state)
-        if resume_from is not None:
-            acc.load_state(str(resume_from))
-            log.info("resumed from %s at step %d", resume_from, self.state.step)
-        self.log = JsonlLog(self.out / "train_log.jsonl", self.is_main)
-        self.skipped_path = self.out / "skipped.jsonl"
+        if start is not None:
+            try:
+                acc.load_state(str(start.path))
+            except Exception as err:  # torch / safetensors / pickle each raise their own type
+                hint = self.checkpoints.previous_hint(start)
+                raise CheckpointError(f"cannot resume from {start.path}: {err}; {hint}") from err
+            log.info("resumed from %s at step %d", start.path, self.state.step)
+        self.log = RunLog(self.out, self.is_main, resumed_step=self.state.step)
         if self.is_main:
-            save_config(cfg, self.out / "config.yaml")
-            self._record_skips(self.train_set.skipped)
+            save_config(self.cfg, self.out / "config.yaml")
 
-    def _pretrain_experts(self, model: VLM, records: list[dict[str, Any]], base_dir: Path) -> None:
-        from .expert_pretrain import pretrain_expert
-
-        t, acc = self.cfg.train, self.accelerator
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        for name, expert in model.experts.items():
-            if not any(p.requires_grad for p in expert.parameters()):
-                continue
-            expert.to(acc.device)
-            history = pretrain_expert(
-                expert,
-                records,
-                base_dir,
-                steps=t.expert_pretrain_steps,
-                batch_size=t.expert_pretrain_batch_size,
-                lr=t.expert_pretrain_lr,
-                max_minutes=t.expert_pretrain_minutes,
-                device=acc.device,
-                autocast_dtype=dtype,
-                seed=t.seed,
-                progress=self.progress and self.is_main,
-            )
-            if self.is_main:
-                with open(self.out / "expert_pretrain_log.jsonl", "a") as f:
-                    for row in history:
-                        f.write(json.dumps({"expert": name, **row}) + "\n")
-                log.info(
-                    "expert %s pretrained: %d steps, final loss %.3f", name, len(history), history[-1]["loss"]
-                )
-
-    def _record_skips(self, skips: list[dict[str, Any]]) -> None:
-        if skips and self.is_main:
-            with open(self.skipped_path, "a") as f:
-                for s in skips:
-                    f.write(json.dumps(s) + "\n")
-
+    # -- the loop -----------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         return DataLoader(
             self.train_set,
@@ -345,141 +373,147 @@ class Trainer:
             g["lr"] = g["initial_lr"] * f
         return f
 
+    def _done(self) -> bool:
+        s = self.state
+        return s.step >= self.cfg.train.max_steps or self.schedule.progress(s.step, s.elapsed) >= 1.0
+
     @torch.no_grad()
     def validate(self) -> float | None:
-        if self.val_set is None or len(self.val_set) == 0:
+        """Mean validation loss, or None (with a warning) when no validation record is usable."""
+        if self.val_set is None:
             return None
         model = self.model
         model.eval()
         total, count = 0.0, 0
         loader = DataLoader(self.val_set, batch_size=self.cfg.train.batch_size, collate_fn=self.collate)
         for batch in loader:
-            if not batch.get("ids"):
+            self.skips.extend(batch["skipped"])
+            if not batch["ids"]:
                 continue
             with self.accelerator.autocast():
                 loss = model(**_to_device(batch, self.accelerator.device)).loss
-            n = len(batch["ids"])
-            total += float(loss) * n
-            count += n
+            total += float(loss) * len(batch["ids"])
+            count += len(batch["ids"])
         model.train()
-        return total / max(1, count)
+        if count == 0:
+            if not getattr(self, "_warned_val", False):
+                log.warning("no validation loss: %s", self.skips.summary("val"))
+                self._warned_val = True
+            return None
+        return total / count
 
     def save_checkpoint(self) -> Path:
-        """Atomic: write into a temp folder, rename it into place, then move the ``latest`` pointer."""
+        """All ranks save their state into a temporary folder; the main rank seals and renames it."""
         acc = self.accelerator
-        ckpt_root = self.out / CHECKPOINTS
-        name = f"step_{self.state.step:07d}"
-        final, tmp = ckpt_root / name, ckpt_root / (name + ".tmp")
         acc.wait_for_everyone()
+        tmp = self.checkpoints.root / f"step_{self.state.step:07d}.tmp"
         if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            tmp = self.checkpoints.begin(self.state.step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        final = self.checkpoints.root / f"step_{self.state.step:07d}"
         if self.is_main:
             save_vlm(acc.unwrap_model(self.model), self.processor, tmp / "export")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer_tmp = ckpt_root / (LATEST + ".tmp")
-            pointer_tmp.write_text(name)
-            os.replace(pointer_tmp, ckpt_root / LATEST)
-            old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for p in old[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(p, ignore_errors=True)
+            final = self.checkpoints.commit(self.state.step)
         acc.wait_for_everyone()
         return final
 
-    def train(self) -> Path:
+    def _step(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """One micro-batch; returns the log record when it completed an optimizer step."""
         cfg, acc, state = self.cfg.train, self.accelerator, self.state
+        with acc.accumulate(self.model):
+            lr_factor = self._set_lr()
+            with acc.autocast():
+                loss = self.model(**_to_device(batch, acc.device)).loss
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        state.samples += len(batch["ids"])
+        self._window_tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
+        if "branches" in batch:
+            self._window_tokens += int(batch["branches"].attention_mask.sum())
+        if not acc.sync_gradients:
+            return None
+        state.step += 1
+        record = {
+            "step": state.step,
+            "loss": float(loss.detach()),  # one sync per optimizer step, only for logging
+            "lr": lr_factor * cfg.lr,
+            "samples": state.samples,
+            "elapsed": round(state.elapsed, 3),
+            "batch": _batch_fingerprint(batch["ids"]),
+        }
+        if state.step % cfg.log_every == 0:
+            now = time.perf_counter()
+            record["tokens_per_s"] = self._window_tokens / max(1e-9, now - self._window_start)
+            self._window_tokens, self._window_start = 0, now
+        return record
+
+    def train(self) -> Path:
+        cfg, state = self.cfg.train, self.state
         if self.is_main:
             log.info("trainable parameters: %s", self.counts)
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=state.step,
-            desc=f"train[{cfg.stage}]",
-            disable=not (self.progress and self.is_main),
-            dynamic_ncols=True,
-        )
+        bar = Progress(self.schedule, state, f"train[{cfg.stage}]", self.progress and self.is_main)
         start = time.perf_counter() - state.elapsed
+        self._window_tokens, self._window_start = 0, time.perf_counter()
         loss_ema = None
-        window_tokens, window_start = 0, time.perf_counter()
-        done = state.step >= cfg.max_steps or self.schedule.progress(state.step, state.elapsed) >= 1.0
-        micro = 0
-        while not done:
+        while not self._done():
             self.sampler.load_state_dict({"epoch": state.epoch, "position": state.consumed, "seed": cfg.seed})
+            full_pass, used = state.consumed == 0, 0
             for batch in self._loader():
-                self._record_skips(batch["skipped"])
-                if not batch.get("ids"):
-                    continue
-                inputs = _to_device(batch, acc.device)
-                with acc.accumulate(self.model):
-                    lr_factor = self._set_lr()
-                    with acc.autocast():
-                        loss = self.model(**inputs).loss
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.grad_clip:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                state.samples += len(batch["ids"])
+                self.skips.extend(batch["skipped"])
                 state.consumed += len(batch["ids"]) + len(batch["skipped"])
-                window_tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
-                if "branch_attention_mask" in batch:
-                    window_tokens += int(batch["branch_attention_mask"].sum())
-                if not acc.sync_gradients:
-                    continue
-                state.step += 1
+                used += len(batch["ids"])
+                record = self._step(batch) if batch["ids"] else None
                 state.elapsed = time.perf_counter() - start
-                value = float(loss.detach())  # one sync per optimizer step, only for logging
-                loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-                record = {
-                    "step": state.step,
-                    "loss": value,
-                    "lr": lr_factor * cfg.lr,
-                    "samples": state.samples,
-                    "elapsed": round(state.elapsed, 3),
-                    "batch": _batch_fingerprint(batch["ids"]),
-                }
-                if state.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    record["tokens_per_s"] = window_tokens / max(1e-9, now - window_start)
-                    window_tokens, window_start = 0, now
-                if cfg.eval_every and state.step % cfg.eval_every == 0:
-                    val = self.validate()
-                    if val is not None:
-                        record["val_loss"] = val
-                self.log.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_factor * cfg.lr:.2e}")
-                done = state.step >= cfg.max_steps or self.schedule.progress(state.step, state.elapsed) >= 1.0
-                if cfg.save_every and state.step % cfg.save_every == 0 and not done:
-                    self.save_checkpoint()
-                if done:
+                if record is not None:
+                    loss_ema = record["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * record["loss"]
+                    if cfg.eval_every and state.step % cfg.eval_every == 0:
+                        val = self.validate()
+                        if val is not None:
+                            record["val_loss"] = val
+                    self.log.write(record)
+                    bar.update(loss=f"{loss_ema:.3f}", lr=f"{record['lr']:.2e}")
+                    if cfg.save_every and state.step % cfg.save_every == 0 and not self._done():
+                        self.save_checkpoint()
+                if self._done():
                     break
             else:
+                if full_pass and used == 0:
+                    total = self.train_file.total
+                    raise NothingUsable(f"nothing to train on: {self.skips.summary('train', total)}")
                 state.epoch, state.consumed = state.epoch + 1, 0
         bar.close()
+        return self._finish()
+
+    def _finish(self) -> Path:
+        """Final validation, a last checkpoint, the exported model, and what was skipped."""
         val = self.validate()
         if val is not None:
-            self.log.write({"step": state.step, "val_loss": val, "final": True})
+            self.log.write({"step": self.state.step, "val_loss": val, "final": True})
         self.save_checkpoint()
         export = self.out / "model"
         if self.is_main:
-            save_vlm(acc.unwrap_model(self.model), self.processor, export)
-        acc.wait_for_everyone()
+            save_vlm(self.accelerator.unwrap_model(self.model), self.processor, export)
+            for split, total in (("train", self.train_file.total), ("val", None)):
+                if self.skips.count(split):
+                    log.warning(self.skips.summary(split, total))
+        self.accelerator.wait_for_everyone()
         self.log.close()
         return export
 
 
-def _corpus(records: list[dict[str, Any]]):
-    for rec in records:
-        for turn in rec["conversations"]:
-            yield turn["value"]
-
-
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Path:
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Run training; returns the exported model directory."""
-    return Trainer(cfg, resume=resume, progress=progress).train()
+    return Trainer(
+        cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, progress=progress
+    ).train()

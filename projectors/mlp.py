@@ -62,6 +62,19 @@ class MLPProjector(nn.Module):
         self.net = nn.Sequential(*layers)
         self.in_dim, self.out_dim = in_dim, out_dim
 
+    @classmethod
+    def from_config(cls, cfg, in_dim: int, out_dim: int, grid: tuple[int, int] | None) -> MLPProjector:
+        """From a ``projectors.ProjectorConfig``."""
+        return cls(
+            in_dim,
+            out_dim,
+            depth=cfg.depth,
+            hidden_dim=cfg.hidden_dim,
+            grid=grid,
+            pool=cfg.pool,
+            pos_embed=cfg.pos_embed,
+        )
+
     def output_length(self, num_input_tokens: int) -> int:
         """Number of LLM positions produced for ``num_input_tokens`` expert tokens."""
         return num_input_tokens // (self.pool * self.pool)
@@ -80,12 +93,3 @@ class MLPProjector(nn.Module):
             table = self.pos_table.to(device=tokens.device, dtype=tokens.dtype)
             tokens = torch.cat([tokens, table.expand(tokens.shape[0], -1, -1)], dim=-1)
         return self.net(tokens)
-
-
-def build_projector(
-    kind: str, in_dim: int, out_dim: int, grid: tuple[int, int] | None = None, **kwargs
-) -> nn.Module:
-    """Projector registry entry point (MLP now; resampler / multi-expert fusion plug in here)."""
-    if kind == "mlp":
-        return MLPProjector(in_dim, out_dim, grid=grid, **kwargs)
-    raise ValueError(f"unknown projector type {kind!r}; known: ['mlp']")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -25,17 +30,17 @@ TINY_PROJECTOR = {"type": "mlp", "pool": 2, "pos_embed": True}
 
 
 def tiny_model_section(**changes):
-    from mm.config import ModelSection
+    from mm.config import ModelConfig, build
 
     values = dict(
         llm=dict(TINY_LLM),
         experts=[dict(TINY_EXPERT)],
         projector=dict(TINY_PROJECTOR),
-        tokenizer_vocab_size=300,
+        tokenizer={"vocab_size": 300},
         visual_delta=1.0,
     )
     values.update(changes)
-    return ModelSection(**values)
+    return build(ModelConfig, values, "model")
 
 
 def build_tiny(visual_delta: float = 1.0, seed: int = 0):
@@ -71,3 +76,16 @@ def solid_image(colour=(255, 0, 0), size=(80, 60)) -> Image.Image:
 @pytest.fixture
 def red_image():
     return solid_image()
+
+
+MM = Path(sys.executable).parent / "mm"
+
+
+def mm(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``mm`` console script, as a user would."""
+    if not MM.is_file():
+        pytest.skip(f"console script {MM} is not installed (pip install -e .)")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [str(MM), *args], capture_output=True, text=True, timeout=timeout, env=env, input=stdin
+    )

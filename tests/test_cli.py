@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import mm
 
-MM = Path(sys.executable).parent / "mm"
 METRIC_KEYS = ("qa_exact_match", "caption_object_recall", "grounding_acc@0.5", "grounding_miou")
 CHEAP = [
     "model.llm={family: llama, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2}",
-    "model.tokenizer_vocab_size=400",
+    "model.tokenizer.vocab_size=400",
     "data.max_length=1024",
     "train.batch_size=4",
     "train.eval_every=0",
@@ -22,13 +19,6 @@ CHEAP = [
     "train.threads=1",
     "train.mixed_precision=no",
 ]
-
-
-def mm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    if not MM.is_file():
-        pytest.skip(f"console script {MM} is not installed (pip install -e .)")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(MM), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def check_metrics(metrics: dict) -> None:
@@ -120,9 +110,9 @@ def test_packaged_recipes_build_valid_configs():
         spec = recipe(name)
         assert spec.pop("shapesworld")["image_size"] >= 96
         cfg = config_from_dict(spec)
-        assert cfg.model.projector["pool"] == pool and cfg.data.branch_turns
+        assert cfg.model.projector.pool == pool and cfg.data.branch_turns
     full = config_from_dict({k: v for k, v in recipe("quickstart_full").items() if k != "shapesworld"})
-    assert full.train.max_steps == 2500 and full.model.loss_weighting == "token"
+    assert full.train.max_steps == 2500 and full.train.loss_weighting == "token"
 
 
 def test_recipe_from_a_yaml_file_and_unknown_names(tmp_path):

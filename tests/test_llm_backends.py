@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from data.templates import LLAMA3_TEMPLATE, QWEN2_TEMPLATE, assistant_text_from_labels
 from data.tokenizer import train_tokenizer
 from mm.build import build_tokenizer, build_vlm, load_vlm, make_processor, save_vlm
-from mm.config import ModelSection
+from mm.config import ModelConfig, build
 
 LLAMA3_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 BACKENDS = {
@@ -52,8 +52,10 @@ def write_hf_llm(family: str, out_dir):
 def backend(request, tmp_path_factory):
     family = request.param
     llm_dir = write_hf_llm(family, tmp_path_factory.mktemp(family))
-    section = ModelSection(
-        llm={"path": str(llm_dir)}, experts=[dict(TINY_EXPERT)], projector=dict(TINY_PROJECTOR)
+    section = build(
+        ModelConfig,
+        {"llm": {"path": str(llm_dir)}, "experts": [dict(TINY_EXPERT)], "projector": dict(TINY_PROJECTOR)},
+        "model",
     )
     torch.manual_seed(0)
     tokenizer = build_tokenizer(section)  # no corpus: the LLM directory's own tokenizer

@@ -1,9 +1,14 @@
 """Per-answer loss weighting: each run of labelled tokens weighs the same, whatever its length."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from mm.model import answer_weighted_loss
+from mm.loss import causal_lm_loss
+
+
+def answer_weighted_loss(logits, labels):
+    return causal_lm_loss(logits, labels, "answer")
 
 
 def test_each_answer_weighs_the_same():
@@ -24,3 +29,10 @@ def test_single_token_answers_match_the_token_mean():
     labels = torch.tensor([[-100, 2, -100, 3, -100, 1]])
     token_mean = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
     assert torch.allclose(answer_weighted_loss(logits, labels), token_mean)
+
+
+def test_unknown_weighting_is_rejected():
+    with pytest.raises(
+        ValueError, match="loss weighting must be one of \\('token', 'answer'\\), got 'tokens'"
+    ):
+        causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), "tokens")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.media import MediaError, load_image, load_images
+from data.media import REFUSED, MediaError, MediaPaths, load_image, load_images
 
 
 def _png_with_size(width: int, height: int) -> bytes:
@@ -157,3 +157,34 @@ def test_load_images_keeps_order_and_reports_the_bad_one(tmp_path):
     assert [im.getpixel((0, 0)) for im in images] == [(1, 2, 3), (4, 5, 6)]
     with pytest.raises(MediaError, match="missing.png: file not found"):
         load_images([a, tmp_path / "missing.png", b])
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animated_image_is_refused_not_cut_to_its_first_frame(tmp_path, fmt):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    path = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    assert _error(path) == f"{path}: animated or multi-frame image (3 frames); an image input takes one frame"
+    frames[0].save(tmp_path / "still.gif")  # a one-frame GIF is an image like any other
+    assert load_image(tmp_path / "still.gif").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_media_paths_are_confined_to_the_dataset_folder_and_roots(tmp_path):
+    data, extra, outside = tmp_path / "data", tmp_path / "extra", tmp_path / "outside"
+    for folder in (data / "images", extra, outside):
+        folder.mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"x")
+    (data / "linked").symlink_to(outside, target_is_directory=True)  # placed there by the user: trusted
+    media = MediaPaths(data, roots=[extra])
+    assert media.resolve("images/a.png") == data / "images" / "a.png"
+    assert media.resolve("images/../images/a.png") == data / "images" / "a.png"
+    assert media.resolve(str(extra / "b.png")) == extra / "b.png"
+    assert media.resolve("linked/secret.png") == data / "linked" / "secret.png"
+    refused = ["../outside/secret.png", "../outside/none.png", str(outside / "secret.png"), "/etc/passwd"]
+    messages = set()
+    for entry in refused:  # whether the file exists or not: one message, and the file is never touched
+        with pytest.raises(MediaError) as info:
+            media.resolve(entry)
+        assert info.value.path == entry and info.value.reason == REFUSED
+        messages.add(info.value.reason)
+    assert messages == {"refused: outside the dataset folder and the media roots"}

@@ -1,4 +1,4 @@
-"""Position ids: text +1, visual +delta, padding neutral, generation continues, packed branches."""
+"""Position ids: text +1, visual +delta, padding neutral, generation continues from the last position."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from mm.positions import (
-    branch_attention_mask,
-    branch_position_ids,
     build_position_ids,
     next_positions,
     token_increments,
@@ -60,45 +58,3 @@ def test_next_positions_left_and_right_padding():
     pos = build_position_ids(ids, mask, IMG, 0.5)
     # row 0: 0, 1, 1.5 -> next 2.5 ; row 1 (right padded): 0, 1, 1.5, 2 -> next 3
     assert next_positions(pos, mask).tolist() == [2.5, 3.0]
-
-
-def test_branch_positions_restart_after_prefix():
-    # prefix (segment 0): text, 2 image tokens ; branch 1: 3 tokens ; branch 2: 2 tokens ; 1 pad
-    ids = torch.tensor([[1, IMG, IMG, 4, 5, 6, 8, 9, 0]])
-    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]])
-    pos = branch_position_ids(ids, mask, seg, IMG, visual_delta=0.5)
-    assert pos[0].tolist() == [0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 2.0, 3.0, 0.0]
-    # each branch sits exactly where it would as the only continuation of the prefix
-    single = build_position_ids(torch.tensor([[1, IMG, IMG, 8, 9]]), torch.ones(1, 5), IMG, 0.5)
-    assert pos[0, 6:8].tolist() == single[0, 3:].tolist()
-
-
-def test_branch_positions_with_left_padding_match_unpadded():
-    ids = torch.tensor([[1, IMG, 4, 5, 6]])
-    seg = torch.tensor([[0, 0, 1, 1, 2]])
-    alone = branch_position_ids(ids, torch.ones_like(ids), seg, IMG, 1.0)
-    padded = branch_position_ids(
-        torch.tensor([[0, 0, 1, IMG, 4, 5, 6]]),
-        torch.tensor([[0, 0, 1, 1, 1, 1, 1]]),
-        torch.tensor([[0, 0, 0, 0, 1, 1, 2]]),
-        IMG,
-        1.0,
-    )
-    assert alone[0].tolist() == [0.0, 1.0, 2.0, 3.0, 2.0]
-    assert padded[0, 2:].tolist() == alone[0].tolist()
-
-
-def test_branch_attention_mask_isolates_branches():
-    seg = torch.tensor([[0, 0, 1, 1, 2, 2, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
-    allowed = branch_attention_mask(mask, seg)
-    assert allowed.shape == (1, 1, 7, 7) and allowed.dtype == torch.bool
-    a = allowed[0, 0].int().tolist()
-    assert a[0] == [1, 0, 0, 0, 0, 0, 0]
-    assert a[3] == [1, 1, 1, 1, 0, 0, 0]  # branch 1 sees prefix + itself
-    assert a[4] == [1, 1, 0, 0, 1, 0, 0]  # branch 2 never sees branch 1
-    assert a[5] == [1, 1, 0, 0, 1, 1, 0]
-    assert a[6] == [1, 1, 0, 0, 0, 0, 1]  # padding row: never all-masked (no NaN), sees itself
-    # causal: nothing above the diagonal
-    assert not torch.triu(allowed[0, 0], diagonal=1).any()

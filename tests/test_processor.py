@@ -115,16 +115,16 @@ def test_collate_pads_on_the_requested_side(tiny_processor, side):
     pixels = batch["pixel_values"]["main"]
     assert pixels.shape == (3, 3, 64, 64)
     assert pixels[:, 0, 0, 0].tolist() == [255, 255, 0] and pixels[:, 2, 0, 0].tolist() == [0, 0, 255]
-    assert "segment_ids" not in batch
+    assert "branches" not in batch
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
         proc.collate([short], padding_side="middle")
 
 
 def test_max_length_truncates_text_but_never_an_image(tiny_model, tiny_processor):
     from mm.build import make_processor
-    from mm.config import DataSection
+    from mm.config import DataConfig
 
-    proc = make_processor(tiny_model, tiny_processor.tokenizer, DataSection(max_length=40))
+    proc = make_processor(tiny_model, tiny_processor.tokenizer, DataConfig(max_length=40))
     conv = [
         {"from": "human", "value": "<image>\nWhat?"},
         {"from": "gpt", "value": "a small red circle " * 10},
@@ -153,138 +153,122 @@ THREE_TURNS = [
 
 def test_tokenize_branched_layout(tiny_processor):
     proc = tiny_processor
-    packed = proc.tokenize_branched(THREE_TURNS, 1)
-    ids, labels, segs = packed["input_ids"], packed["labels"], packed["segments"]
-    assert len(ids) == len(labels) == len(segs)
-    assert sorted(set(segs)) == [0, 1, 2, 3]
-    assert segs == sorted(segs)  # prefix first, then each branch in turn order
-    prefix = [t for t, s in zip(ids, segs) if s == 0]
+    feats = proc.tokenize_branched(THREE_TURNS, 1)
+    prefix, labels, branches = feats["input_ids"], feats["labels"], feats["branches"]
+    assert len(prefix) == len(labels) and len(branches) == 3
     assert prefix.count(proc.image_token_id) == 16  # one image, shared by every branch
-    assert all(lab == IGNORE_INDEX for lab, s in zip(labels, segs) if s == 0)
-    answers = [
-        assistant_text_from_labels(
-            [t for t, s in zip(ids, segs) if s == k],
-            [lab for lab, s in zip(labels, segs) if s == k],
-            proc.tokenizer,
-        )
-        for k in (1, 2, 3)
-    ]
+    assert all(lab == IGNORE_INDEX for lab in labels)
+    answers = [assistant_text_from_labels(b["input_ids"], b["labels"], proc.tokenizer) for b in branches]
     assert answers == [
         ["red<|im_end|>"],
         ["2 objects: a small red circle<|im_end|>"],
         ["[12, 340, 560, 780]<|im_end|>"],
     ]
+    # prefix + branch k is exactly the single-turn conversation of question k
+    for k, branch in enumerate(branches):
+        question = THREE_TURNS[2 * k]["value"].removeprefix("<image>\n")
+        single = proc.tokenize(
+            [{"from": "human", "value": "<image>\n" + question}, THREE_TURNS[2 * k + 1]], 1
+        )
+        assert prefix + branch["input_ids"] == single["input_ids"]
+        assert labels + branch["labels"] == single["labels"]
 
 
 def test_tokenize_branched_falls_back_for_single_turn(tiny_processor):
     conv = THREE_TURNS[:2]
-    packed = tiny_processor.tokenize_branched(conv, 1)
-    plain = tiny_processor.tokenize(conv, 1)
-    assert packed["input_ids"] == plain["input_ids"] and packed["labels"] == plain["labels"]
-    assert packed["segments"] == [0] * len(plain["input_ids"])
+    assert tiny_processor.tokenize_branched(conv, 1) == tiny_processor.tokenize(conv, 1)
 
 
-@pytest.mark.parametrize("delta", [1.0, 0.5])
-def test_branches_give_the_logits_of_single_turn_conversations(delta):
-    model, proc = build_tiny(visual_delta=delta, seed=1)
-    image = solid_image((255, 0, 0), (80, 60))
-    packed = proc.tokenize_branched(THREE_TURNS, 1)
-    batch = proc.collate([{**packed, "pixel_values": proc.pixels([image])}])
-    assert batch["segment_ids"][0].tolist() == packed["segments"]
-    with torch.no_grad():
-        packed_logits = model(**batch).logits[0]
-    segs = torch.tensor(packed["segments"])
-    prefix = int((segs == 0).sum())
-    for k in range(3):
-        question = THREE_TURNS[2 * k]["value"].removeprefix("<image>\n")
-        single = proc([{"from": "human", "value": "<image>\n" + question}, THREE_TURNS[2 * k + 1]], [image])
-        with torch.no_grad():
-            single_logits = model(**proc.collate([single])).logits[0]
-        n = int((segs == k + 1).sum())
-        assert single_logits.shape[0] == prefix + n
-        assert torch.allclose(packed_logits[:prefix], single_logits[:prefix], atol=1e-5)
-        diff = (packed_logits[segs == k + 1] - single_logits[prefix:]).abs().max().item()
-        assert diff < 1e-4, f"branch {k + 1}: max |logit diff| {diff}"
-    # without the segment mask, later branches would see earlier ones: the logits differ
-    plain = {k: v for k, v in batch.items() if k != "segment_ids"}
-    with torch.no_grad():
-        leaky = model(**plain).logits[0]
-    assert (leaky[segs == 3] - packed_logits[segs == 3]).abs().max().item() > 1e-3
+def test_branch_must_not_begin_with_a_labelled_token(tiny_processor):
+    # identical questions: the shared prefix runs up to the answers, whose first tokens the prefix would have
+    # to predict; the branched layout cannot score them, so it refuses rather than silently dropping them
+    same = [
+        {"from": "human", "value": "<image>\nWhat colour?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "What colour?"},
+        {"from": "gpt", "value": "blue"},
+    ]
+    with pytest.raises(ValueError, match="branched packing: a branch cannot begin with a labelled token"):
+        tiny_processor.tokenize_branched(same, 1)
 
 
 TWO_TURNS = [{"from": "human", "value": "<image>\nDescribe the image."}, *THREE_TURNS[3:]]
+RED, BLUE = solid_image((255, 0, 0), (80, 60)), solid_image((0, 0, 255), (50, 70))
+RECORDS = [(THREE_TURNS, RED), (TWO_TURNS, BLUE), (THREE_TURNS[:2], BLUE)]  # 3, 2 and 1 turn(s)
 
 
-def _branched_batch(proc):
-    """Two branched records (3 and 2 branches, different images) and one single-turn record."""
-    red, blue = solid_image((255, 0, 0), (80, 60)), solid_image((0, 0, 255), (50, 70))
-    feats = [
-        {**proc.tokenize_branched(THREE_TURNS, 1), "pixel_values": proc.pixels([red])},
-        {**proc.tokenize_branched(TWO_TURNS, 1), "pixel_values": proc.pixels([blue])},
-        {**proc.tokenize_branched(THREE_TURNS[:2], 1), "pixel_values": proc.pixels([blue])},
-    ]
+def _branched_batch(proc, groups=2):
+    feats = [{**proc.tokenize_branched(conv, 1), "pixel_values": proc.pixels([im])} for conv, im in RECORDS]
+    return proc.collate(feats, branch_groups=groups)
+
+
+def _single_turn_batch(proc):
+    """Every (question, answer) of RECORDS as its own single-turn conversation: what branches stand for."""
+    feats = []
+    for conv, image in RECORDS:
+        for k in range(len(conv) // 2):
+            question = conv[2 * k]["value"].removeprefix("<image>\n")
+            single = [{"from": "human", "value": "<image>\n" + question}, conv[2 * k + 1]]
+            feats.append(proc(single, [image]))
     return proc.collate(feats)
 
 
-def test_split_branches_layout(tiny_processor):
+def test_branch_batch_layout(tiny_processor):
     proc = tiny_processor
-    packed = _branched_batch(proc)
-    split = proc.split_branches(packed)
-    assert "segment_ids" not in split
-    assert sorted(split["branch_owner"].tolist()) == [0, 0, 0, 1, 1]
-    lengths = split["branch_attention_mask"].sum(1).tolist()
+    batch = _branched_batch(proc)
+    branches = batch["branches"]
+    assert sorted(branches.owner.tolist()) == [0, 0, 0, 1, 1]
+    lengths = branches.attention_mask.sum(1).tolist()
     assert lengths == sorted(lengths)  # sorted by length, cut into groups padded to their own longest row
-    groups = split["branch_groups"]
-    assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == 5
-    assert all(g[2] == max(lengths[g[0] : g[1]]) for g in groups) and len(groups) == 2
-    segs, mask = packed["segment_ids"], packed["attention_mask"].bool()
-    for row in range(3):  # each prefix row is the record's segment 0, right-padded
-        prefix = packed["input_ids"][row][mask[row] & (segs[row] == 0)]
-        assert split["input_ids"][row][: len(prefix)].tolist() == prefix.tolist()
-        assert int(split["attention_mask"][row].sum()) == len(prefix)
-    branch = packed["input_ids"][0][segs[0] == 2]  # record 0's second branch, labels included
-    ids, owner = split["branch_input_ids"], split["branch_owner"]
-    rows = [r for r in range(5) if owner[r] == 0 and ids[r][: len(branch)].tolist() == branch.tolist()]
-    assert len(rows) == 1 and lengths[rows[0]] == len(branch)
-    expected_labels = packed["labels"][0][segs[0] == 2].tolist()
-    assert split["branch_labels"][rows[0]][: len(branch)].tolist() == expected_labels
+    groups = branches.groups
+    assert len(groups) == 2 and groups[0][0] == 0 and groups[0][1] == groups[1][0] and groups[-1][1] == 5
+    assert all(g[2] == max(lengths[g[0] : g[1]]) for g in groups)
+    for row, (conv, _) in enumerate(RECORDS):  # each prefix row is its record's prefix, right-padded
+        feats = proc.tokenize_branched(conv, 1)
+        n = len(feats["input_ids"])
+        assert batch["input_ids"][row][:n].tolist() == feats["input_ids"]
+        assert int(batch["attention_mask"][row].sum()) == n
+        for branch in feats.get("branches", []):  # every branch is one row, owned by its record
+            match = [
+                r
+                for r in range(5)
+                if branches.owner[r] == row
+                and branches.input_ids[r][: len(branch["input_ids"])].tolist() == branch["input_ids"]
+                and lengths[r] == len(branch["input_ids"])
+            ]
+            assert len(match) == 1
+            assert branches.labels[match[0]][: lengths[match[0]]].tolist() == branch["labels"]
     # the single-turn record's answer lives in its prefix, so prefix labels are kept
-    assert split["labels"] is not None and (split["labels"][2] != IGNORE_INDEX).any()
-    only_branched = proc.split_branches(proc.collate([proc.tokenize_branched(THREE_TURNS, 1)]))
+    assert batch["labels"] is not None and (batch["labels"][2] != IGNORE_INDEX).any()
+    only_branched = proc.collate([proc.tokenize_branched(THREE_TURNS, 1)])
     assert only_branched["labels"] is None
-    assert proc.split_branches({"input_ids": packed["input_ids"]}) == {"input_ids": packed["input_ids"]}
-
-
-def test_split_branches_rejects_a_labelled_branch_start(tiny_processor):
-    batch = tiny_processor.collate([tiny_processor.tokenize_branched(THREE_TURNS, 1)])
-    first_branch = int((batch["segment_ids"][0] == 0).sum())
-    batch["labels"][0, first_branch] = 5
-    with pytest.raises(ValueError, match="row 0: a branch cannot begin with a labelled token"):
-        tiny_processor.split_branches(batch)
+    with pytest.raises(ValueError, match="collate them with padding_side='right'"):
+        proc.collate([proc.tokenize_branched(THREE_TURNS, 1)], padding_side="left")
 
 
 @pytest.mark.parametrize(
-    ("weighting", "attention"), [("token", "sdpa"), ("answer", "sdpa"), ("token", "eager")]
+    ("weighting", "attention", "delta"),
+    [("token", "sdpa", 1.0), ("answer", "sdpa", 1.0), ("token", "eager", 1.0), ("token", "sdpa", 0.5)],
 )
-def test_split_branches_train_exactly_like_the_packed_mask(weighting, attention):
-    """Same loss and same gradients as the packed 4-D mask (sdpa): the split layout and the eager attention
-    kernel (`train.attn_implementation`) are only faster schedules of the same function."""
-    model, proc = build_tiny(seed=2)
-    model.config.loss_weighting = weighting
+def test_branches_train_exactly_like_single_turn_conversations(weighting, attention, delta):
+    """Same loss and same gradients as every question asked on its own: the branched layout (any number of
+    length groups) and the eager attention kernel (`train.attn_implementation`) are only faster schedules of
+    the same function, also with V2PE-style fractional visual positions."""
+    model, proc = build_tiny(visual_delta=delta, seed=2)
+    model.loss_weighting = weighting
     model.train()
-    packed = _branched_batch(proc)
+    model.experts.eval()  # BatchNorm on running statistics: the unrolled batch repeats images
+    model.llm.set_attn_implementation(attention)
     losses, grads = [], []
-    layouts = (packed, packed, proc.split_branches(packed, groups=1), proc.split_branches(packed, groups=3))
-    for i, batch in enumerate(layouts):
-        if i == 1:
-            model.llm.set_attn_implementation(attention)
+    for batch in (_single_turn_batch(proc), _branched_batch(proc, groups=1), _branched_batch(proc, groups=3)):
         model.zero_grad()
         loss = model(**batch).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert model.llm.config._attn_implementation == attention
-    for other in (1, 2, 3):
+    assert 3.0 < losses[0].item() < 9.0
+    for other in (1, 2):
         assert torch.allclose(losses[0], losses[other], atol=1e-5), losses
         assert grads[0].keys() == grads[other].keys() and any("experts" in n for n in grads[0])
         for name, g in grads[0].items():

@@ -1,13 +1,12 @@
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from data.schema import (
     SchemaError,
     load_llava_json,
-    resolve_image_paths,
+    load_record_file,
     save_llava_json,
     validate_record,
     write_json_atomic,
@@ -189,16 +188,28 @@ def test_check_files(tmp_path):
     )
 
 
-def test_resolve_image_paths(tmp_path):
-    absolute = str(tmp_path / "abs.png")
-    rec = record(
-        image=["rel/a.png", absolute], conversations=turns(("human", "<image><image>"), ("gpt", "x"))
-    )
-    assert resolve_image_paths(rec, tmp_path / "base") == [
-        tmp_path / "base" / "rel" / "a.png",
-        Path(absolute),
+def test_load_record_file_skips_broken_records_unless_strict(tmp_path):
+    good = [record(id="r0"), record(id="r2")]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([good[0], record(id="r1", conversations="hi"), good[1]]))
+    loaded = load_record_file(path)
+    assert loaded.records == good and loaded.indices == [0, 2] and loaded.total == 3
+    assert [str(e) for e in loaded.errors] == [
+        f"{path}: record 1 (id 'r1'): conversations: expected a non-empty list of turns, got string"
     ]
-    assert resolve_image_paths({"id": "t", "conversations": []}, tmp_path) == []
+    with pytest.raises(SchemaError, match="record 1 .id 'r1'.: conversations"):
+        load_record_file(path, strict=True)
+    lines = tmp_path / "mixed.jsonl"
+    lines.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n")
+    loaded = load_record_file(lines)
+    assert loaded.records == good and loaded.indices == [0, 2]
+    assert loaded.errors[0].index == 1 and "invalid JSON at line 2" in str(loaded.errors[0])
+    with pytest.raises(SchemaError, match="invalid JSON at line 2"):
+        load_record_file(lines, strict=True)
+    whole = tmp_path / "object.json"
+    whole.write_text("{}")
+    with pytest.raises(SchemaError, match="expected a JSON list of records, got object"):
+        load_record_file(whole)  # a file that is wrong as a whole always raises
 
 
 def test_save_validates_then_writes_atomically(tmp_path):

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPERT_KINDS = ("timm",)
 
 
 @dataclass
@@ -35,15 +36,17 @@ class ExpertConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in EXPERT_KINDS:
+            raise ValueError(f"kind: unknown expert kind {self.kind!r}; known: {', '.join(EXPERT_KINDS)}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExpertConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown expert config keys {unknown}")
-        for key in ("mean", "std"):
-            if key in known:
-                known[key] = tuple(known[key])
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,8 +60,6 @@ class VisualExpert(nn.Module):
 
     def __init__(self, cfg: ExpertConfig):
         super().__init__()
-        if cfg.kind != "timm":
-            raise ValueError(f"expert {cfg.name!r}: unknown kind {cfg.kind!r}; known: ['timm']")
         import vision  # noqa: F401  (registers our backbones with timm)
 
         self.cfg = cfg
