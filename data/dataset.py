@@ -41,6 +41,7 @@ class ConversationDataset(Dataset):
         progress: bool = True,
     ):
         self.processor = processor
+        self.media = media
         self.split = split
         self.cache_pixels = cache_pixels
         self.blind = blind  # black images: trains/evaluates the no-vision baseline with identical sequences
@@ -63,7 +64,6 @@ class ConversationDataset(Dataset):
             self.records.append({**rec, "_media": entries})
             self.features.append(feats)
             self.indices.append(index)
-        self.media = media
 
     def __len__(self) -> int:
         return len(self.records)

@@ -38,6 +38,15 @@ class Checkpoint:
     path: Path
     step: int
 
+    @classmethod
+    def at(cls, path: str | Path) -> Checkpoint:
+        """The checkpoint folder ``path`` (``step_N``), e.g. from ``--resume-from``."""
+        path = Path(path)
+        match = _STEP.match(path.name)
+        if match is None:
+            raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like step_0000040)")
+        return cls(path, int(match.group(1)))
+
 
 def claim_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Make ``out`` ready for a run: a new run may not mix with an earlier run's checkpoints and logs."""

@@ -201,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--box-frame", type=int, default=1000, help="boxes as integers 0..FRAME (default 1000)")
+    s.add_argument(
+        "--box-frame",
+        type=int,
+        default=1000,
+        help="boxes as integers 0..FRAME (train with data.box_format.frame=FRAME)",
+    )
     s.add_argument("--p-text", type=float, default=0.3)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_data_shapesworld)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,75 +21,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from data.dataset import Collator, ConversationDataset, ResumableSampler
 from data.media import MediaPaths
-from data.schema import RecordFile, load_record_file, write_bytes_atomic
+from data.schema import RecordFile, load_record_file
 from data.skips import NothingUsable, Skip, SkipLog
 
 from .build import ModelLoadError, build_tokenizer, build_vlm, load_vlm, make_processor, save_vlm
 from .checkpoints import Checkpoint, CheckpointError, CheckpointManager, claim_output_dir
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
 from .model import VLM
+from .optim import apply_stage, param_groups
+from .run_log import RunLog
+from .schedule import Progress, Schedule
 
 log = logging.getLogger("mm.train")
-
-
-# -- freezing and optimisation --------------------------------------------------------------------------
-def apply_stage(model: VLM, stage: str, train_experts: bool) -> dict[str, int]:
-    """Freeze/unfreeze by stage; returns trainable parameter counts per part (logged, prismatic-style)."""
-    model.llm.requires_grad_(stage == "sft")
-    for expert in model.experts.values():
-        expert.requires_grad_(train_experts and not expert.cfg.frozen)
-    model.projectors.requires_grad_(True)
-    parts = {"llm": model.llm, "experts": model.experts, "projectors": model.projectors}
-    return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
-
-
-def param_groups(model: VLM, cfg: RunConfig) -> list[dict[str, Any]]:
-    """AdamW groups: per-part learning rates; no weight decay on biases, norms and embeddings."""
-    t = cfg.train
-    lrs = {"llm": t.lr, "projectors": t.projector_lr or t.lr, "experts": t.expert_lr or t.lr}
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = name.split(".", 1)[0]
-        decay = p.ndim >= 2 and "embed" not in name
-        groups.setdefault((part, decay), []).append(p)
-    return [
-        {"params": ps, "lr": lrs[part], "weight_decay": t.weight_decay if decay else 0.0, "name": f"{part}"}
-        for (part, decay), ps in groups.items()
-    ]
-
-
-@dataclass
-class Schedule:
-    """Linear warmup, then cosine to ``min_lr_ratio`` over training progress.
-
-    Progress is ``step / max_steps``, or the fraction of the wall-clock budget spent if that is larger, so a
-    time-budgeted run still anneals fully and stops on time. Deterministic when no budget is set.
-    """
-
-    max_steps: int
-    warmup_steps: int
-    min_lr_ratio: float
-    max_seconds: float | None = None
-
-    def progress(self, step: int, elapsed: float) -> float:
-        p = step / max(1, self.max_steps)
-        if self.max_seconds:
-            p = max(p, elapsed / self.max_seconds)
-        return min(1.0, p)
-
-    def factor(self, step: int, elapsed: float) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        p = self.progress(step, elapsed)
-        w = self.warmup_steps / max(1, self.max_steps)  # cosine over the progress after warmup
-        q = 0.0 if p <= w else min(1.0, (p - w) / max(1e-9, 1 - w))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * q))
 
 
 @dataclass
@@ -108,73 +54,6 @@ class TrainerState:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
-
-
-# -- logs and progress ----------------------------------------------------------------------------------
-class RunLog:
-    """``train_log.jsonl`` (+ tensorboard), cut back to ``resumed_step`` so no step is logged twice."""
-
-    def __init__(self, out: Path, enabled: bool, resumed_step: int):
-        self.path, self.enabled, self.tb = out / "train_log.jsonl", enabled, None
-        if not enabled:
-            return
-        if self.path.is_file():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a kill
-                if row.get("step", 0) <= resumed_step and not row.get("final"):
-                    keep.append(line + "\n")
-            write_bytes_atomic(self.path, "".join(keep).encode())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1)
-        except ImportError:  # tensorboard is optional at run time
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """A bar in the unit of the budget that will stop the run: steps, or minutes when time-budgeted."""
-
-    def __init__(self, schedule: Schedule, state: TrainerState, desc: str, enabled: bool):
-        self.schedule, self.state = schedule, state
-        self.minutes = schedule.max_seconds / 60 if schedule.max_seconds else None
-        if self.minutes:
-            fmt = "{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]"
-            self.bar = tqdm(total=self.minutes, desc=desc, bar_format=fmt, disable=not enabled)
-        else:
-            self.bar = tqdm(total=schedule.max_steps, desc=desc, unit="step", disable=not enabled)
-        self.update()
-
-    def update(self, **postfix: str) -> None:
-        s = self.state
-        if self.minutes:
-            self.bar.n = self.schedule.progress(s.step, s.elapsed) * self.minutes
-            postfix = {"step": str(s.step), **postfix}
-        else:
-            self.bar.n = s.step
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -235,6 +114,10 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if not torch.cuda.is_available():
+            # DeepSpeed, which accelerate imports to save state, prints "Setting accelerator to CPU" to stdout
+            # on every run without CUDA; naming the accelerator it would pick anyway keeps it quiet.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(cfg.train.mixed_precision),
             gradient_accumulation_steps=cfg.train.grad_accum,
@@ -242,6 +125,7 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         set_seed(cfg.train.seed)
         start = self._setup_run_dir(resume or resume_from is not None, resume_from, overwrite)
+        self.skips = SkipLog(self.out / "skipped.jsonl" if self.is_main else None)
         model = self._setup_model(start)
         self._setup_data()
         self._setup_optimisation(model, start)
@@ -257,22 +141,22 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out, self.cfg.train.keep_checkpoints)
         start = None
         if resume_from is not None:
-            path = Path(resume_from)
-            start = Checkpoint(path, int(path.name.rsplit("_", 1)[-1]) if "_" in path.name else 0)
+            start = Checkpoint.at(resume_from)
             problem = self.checkpoints.problem(start)
             if problem:
-                raise CheckpointError(f"cannot resume from {path}: {problem}")
+                raise CheckpointError(f"cannot resume from {start.path}: {problem}")
         elif resume:
             start = self.checkpoints.resume_point()
             if start is None:
                 log.warning(
                     "--resume: no complete checkpoint under %s; starting from step 0", self.checkpoints.root
                 )
-        self.skips = SkipLog(self.out / "skipped.jsonl" if self.is_main else None)
         return start
 
     def _setup_model(self, start: Checkpoint | None) -> VLM:
         cfg = self.cfg
+        if not cfg.data.train:
+            raise ConfigError("data.train: no training file given (a LLaVA .json or .jsonl)")
         self.train_file = self._records(cfg.data.train, "train")
         if start is not None:  # tokenizer, model layout and processor come from the checkpoint, not rebuilt
             try:

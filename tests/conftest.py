@@ -29,6 +29,16 @@ TINY_EXPERT = {"name": "main", "model": "resnet10t", "image_size": 64, "feature_
 TINY_PROJECTOR = {"type": "mlp", "pool": 2, "pos_embed": True}
 
 
+def tiny_run_model() -> dict:
+    """The ``model`` section of the tiny runs that train through ``mm train`` on 96 px ShapesWorld."""
+    return {
+        "llm": dict(TINY_LLM),
+        "tokenizer": {"vocab_size": 400},
+        "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
+        "projector": dict(TINY_PROJECTOR),
+    }
+
+
 def tiny_model_section(**changes):
     from mm.config import ModelConfig, build
 

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_LLM, mm
+from conftest import mm, tiny_run_model
 from PIL import Image
 
 from data.media import REFUSED
 
 TINY = {
-    "model": {
-        "llm": dict(TINY_LLM),
-        "tokenizer": {"vocab_size": 400},
-        "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
-        "projector": {"type": "mlp", "pool": 2, "pos_embed": True},
-    },
+    "model": tiny_run_model(),
     "data": {"max_length": 1024},
     "train": {
         "batch_size": 4,
@@ -66,6 +61,9 @@ def trained(sw, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
     result = mm("train", str(write_config(folder, sw / "train.json", folder / "run")), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
+    # a clean run says nothing but where the model is: no warning on every call
+    assert result.stdout.splitlines() == [str((folder / "run" / "model").resolve())]
+    assert "WARNING" not in result.stderr, result.stderr
     return folder / "run"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_LLM
+from conftest import tiny_run_model
 
 from mm.build import load_vlm
 from mm.checkpoints import CHECKPOINTS, LATEST, CheckpointManager
@@ -44,12 +44,7 @@ def data_dir(tmp_path_factory):
 
 def write_config(path: Path, data_dir: Path, output_dir: Path) -> Path:
     config = {
-        "model": {
-            "llm": dict(TINY_LLM),
-            "tokenizer": {"vocab_size": 400},
-            "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
-            "projector": {"type": "mlp", "pool": 2, "pos_embed": True},
-        },
+        "model": tiny_run_model(),
         # branched multi-turn records, as the quickstart recipe trains
         "data": {"train": str(data_dir / "train.json"), "max_length": 1024, "branch_turns": True},
         "train": {
@@ -214,3 +209,20 @@ def test_killed_at_random_points_resumes_without_losing_or_repeating_a_step(data
         assert abs(row["loss"] - a["loss"]) < 1e-5, (seed, step, a["loss"], row["loss"])
     assert (out / "model" / "config.json").is_file()
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_progress_bar_shows_the_budget_that_will_stop_the_run():
+    from mm.schedule import Progress, Schedule
+    from mm.train import TrainerState
+
+    state = TrainerState(step=30, elapsed=150.0)  # 30 of 3000 steps, 2.5 of 10 minutes
+    timed = Progress(Schedule(3000, 50, 0.05, max_seconds=600), state, "train", enabled=True)
+    assert timed.bar.total == 10.0 and timed.bar.n == 2.5  # minutes, not "3000 steps"
+    assert " 2.5/10.0 min " in str(timed.bar) and "step=30" in str(timed.bar)
+    state.step = 2000  # steps now bind first: the bar follows them, in minutes of budget
+    timed.update()
+    assert timed.bar.n == pytest.approx(10.0 * 2000 / 3000)
+    timed.close()
+    steps = Progress(Schedule(3000, 50, 0.05), state, "train", enabled=True)
+    assert steps.bar.total == 3000 and steps.bar.n == 2000 and "2000/3000" in str(steps.bar)
+    steps.close()
