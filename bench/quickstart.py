@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{'metric':24} {'sighted':>8} {'blind':>8} {'ratio':>7}")
     for key in HEADLINE:
         if key in sighted and key in blind:
-            ratio = sighted[key] / blind[key] if blind[key] else float("inf")
-            print(f"{key:24} {sighted[key]:8.3f} {blind[key]:8.3f} {ratio:6.2f}x")
+            ratio = f"{sighted[key] / blind[key]:6.2f}x" if blind[key] else "      -"  # no ratio to a zero
+            print(f"{key:24} {sighted[key]:8.3f} {blind[key]:8.3f} {ratio}")
     print(f"{'train minutes':24} {sighted['train_minutes']:8.2f} {blind['train_minutes']:8.2f}")
     if args.json:
         env = {"torch": torch.__version__, "cpu": platform.processor(), "threads": torch.get_num_threads()}
