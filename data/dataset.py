@@ -68,9 +68,6 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
-
     def _pixels(self, i: int) -> dict[str, torch.Tensor] | None:
         if i in self._pixel_cache:
             return self._pixel_cache[i]

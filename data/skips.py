@@ -45,6 +45,11 @@ class Skip:
             return cls(split, err.index if index is None else index, err.record_id or record_id, reason)
         return cls(split, index, record_id, str(err))
 
+    @property
+    def key(self) -> tuple[str, Any]:
+        """What makes two skips the same input: its split and record (by position, else by id)."""
+        return (self.split, self.index if self.index is not None else self.id)
+
     def describe(self) -> str:
         where = f"record {self.index}" if self.index is not None else "record"
         if self.id is not None:
@@ -65,14 +70,13 @@ class SkipLog:
                     skip = Skip(**row)
                 except (ValueError, TypeError):
                     continue  # a line cut by a kill
-                self.skips[(skip.split, skip.index if skip.index is not None else skip.id)] = skip
+                self.skips[skip.key] = skip
 
     def add(self, skip: Skip) -> bool:
         """Record ``skip`` unless this input is already recorded; returns whether it was new."""
-        key = (skip.split, skip.index if skip.index is not None else skip.id)
-        if key in self.skips:
+        if skip.key in self.skips:
             return False
-        self.skips[key] = skip
+        self.skips[skip.key] = skip
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(asdict(skip)) + "\n")
