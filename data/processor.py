@@ -88,6 +88,7 @@ class VLMProcessor:
         image_transforms: Mapping[str, ImageTransform],
         tokens_per_image: int,
         *,
+        visual_increments: Sequence[float] | None = None,
         chat_template: str | None = None,
         system_prompt: str | None = None,
         max_length: int | None = None,
@@ -99,10 +100,34 @@ class VLMProcessor:
         self.image_token_id = ensure_image_token(tokenizer)
         self.image_transforms = dict(image_transforms)
         self.tokens_per_image = tokens_per_image
+        # how far the position advances after each visual token of an image (the model's
+        # ``visual_increments``: MouSi occupancy x V2PE delta); every token gets its increment in
+        # ``position_increments`` so that per-image settings can change them here, not in the model
+        self.visual_increments = [float(v) for v in (visual_increments or [1.0] * tokens_per_image)]
+        if len(self.visual_increments) != tokens_per_image:
+            raise ValueError(
+                f"visual_increments has {len(self.visual_increments)} entries for {tokens_per_image} tokens"
+            )
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.box_format = box_format or BoxFormat()  # how the model writes boxes (data.box_format)
+
+    @property
+    def positions_per_image(self) -> float:
+        """LLM positions one image occupies (``tokens_per_image`` unless positions are shared)."""
+        return float(sum(self.visual_increments))
+
+    def increments(self, ids: Sequence[int]) -> list[float]:
+        """Per-token position increments of one row: 1 for text, the image's pattern for visual tokens."""
+        out, k, n = [], 0, self.tokens_per_image
+        for tok in ids:
+            if tok == self.image_token_id:
+                out.append(self.visual_increments[k % n])
+                k += 1
+            else:
+                out.append(1.0)
+        return out
 
     # -- text -----------------------------------------------------------------------------------------
     def _messages(self, conversation: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -154,7 +179,7 @@ class VLMProcessor:
             if for_generation:
                 raise ValueError(f"prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "position_increments": self.increments(ids)}
 
     def tokenize_branched(self, conversation: Sequence[Mapping[str, Any]], num_images: int) -> dict[str, Any]:
         """A multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
@@ -212,7 +237,12 @@ class VLMProcessor:
         total = len(ids) + sum(len(b["input_ids"]) for b in branches)
         if self.max_length is not None and total > self.max_length:
             raise ValueError(f"prefix and branches of {total} tokens exceed max_length={self.max_length}")
-        return {"input_ids": ids, "labels": labels, "branches": branches}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_increments": self.increments(ids),
+            "branches": branches,
+        }
 
     # -- images ---------------------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
@@ -249,11 +279,22 @@ class VLMProcessor:
             IGNORE_INDEX,
             padding_side,
         )
+        increments = torch.zeros(ids.shape, dtype=torch.float32)
+        for row, f in enumerate(features):
+            inc = f.get("position_increments") or self.increments(f["input_ids"])
+            cols = slice(ids.shape[1] - len(inc), None) if padding_side == "left" else slice(0, len(inc))
+            increments[row, cols] = torch.tensor(inc, dtype=torch.float32)
         pixel_values = None
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
             pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "position_increments": increments,
+            "pixel_values": pixel_values,
+        }
         rows = [
             (row, b["input_ids"], b["labels"])
             for row, f in enumerate(features)
@@ -271,6 +312,7 @@ class VLMProcessor:
     def settings(self) -> dict[str, Any]:
         return {
             "tokens_per_image": self.tokens_per_image,
+            "visual_increments": self.visual_increments,
             "image_token": IMAGE_TOKEN,
             "chat_template": self.chat_template,
             "system_prompt": self.system_prompt,
@@ -307,6 +349,7 @@ class VLMProcessor:
             tokenizer,
             image_transforms,
             settings["tokens_per_image"],
+            visual_increments=settings.get("visual_increments"),  # absent in older directories: all 1
             chat_template=settings.get("chat_template"),
             system_prompt=settings.get("system_prompt"),
             max_length=settings.get("max_length"),

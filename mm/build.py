@@ -18,6 +18,9 @@ from .config import DataConfig, ModelConfig, to_plain
 from .llm import build_llm, load_tokenizer
 from .model import VLM, VLMConfig
 
+# weight names of model directories saved before the fusion registry (one MLP per expert under projectors.)
+LEGACY_KEYS = {r"^projectors\.": "fusion.projectors."}
+
 
 class ModelLoadError(ValueError):
     """A model directory is incomplete or corrupt; the message names the file."""
@@ -47,8 +50,9 @@ def build_vlm(model_cfg: ModelConfig, tokenizer: Any) -> VLM:
         projector=to_plain(model_cfg.projector),
         image_token_id=ensure_image_token(tokenizer),
         visual_delta=model_cfg.visual_delta,
+        visual_positions=model_cfg.visual_positions,
     )
-    return VLM(config, llm=llm)
+    return VLM(config, llm=llm, load_expert_weights=True)
 
 
 def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = None) -> VLMProcessor:
@@ -57,6 +61,7 @@ def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = Non
         tokenizer,
         {name: expert.preprocess for name, expert in model.experts.items()},
         model.tokens_per_image,
+        visual_increments=model.visual_increments,
         system_prompt=data_cfg.system_prompt,
         max_length=data_cfg.max_length,
         box_format=data_cfg.box_format,
@@ -103,7 +108,7 @@ def load_vlm(
         raise ModelLoadError(f"{model_dir}: no *.safetensors weights file")
     for path in weights:
         check_safetensors(path)
-    model = VLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    model = VLM.from_pretrained(model_dir, dtype=dtype or torch.float32, key_mapping=LEGACY_KEYS)
     model.to(device).eval()
     processor = VLMProcessor.from_pretrained(
         model_dir, {name: expert.preprocess for name, expert in model.experts.items()}

@@ -2,7 +2,7 @@
 
 Every section is a dataclass. A config is read from YAML plus ``a.b.c=value`` overrides (``experts.0.x`` or
 ``experts[0].x`` address list items); an unknown key or a value of the wrong type is rejected with its full
-path, e.g. ``model.projector.pol: unknown key; known: depth, hidden_dim, pool, pos_embed, type``.
+path, e.g. ``model.projector.pol: unknown key; known: depth, experts, grid, ...``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class ModelConfig:
     experts: list[ExpertConfig] = field(default_factory=lambda: [ExpertConfig(name="main", model="resnet18")])
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     visual_delta: float = 1.0  # position increment of a visual token (V2PE's delta; 1.0 = plain)
+    # MouSi position occupancy of an image's tokens: each its own position, one per grid row, or one in all
+    visual_positions: Literal["original", "share_by_row", "share_all"] = "original"
     init_from: str | None = None  # an mmstack model directory to start from (e.g. align -> sft)
 
     def __post_init__(self) -> None:
@@ -82,6 +84,9 @@ class ModelConfig:
         names = [e.name for e in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"experts: names must be unique, got {names}")
+        unknown = sorted(set(self.projector.experts) - set(names))
+        if unknown:
+            raise ValueError(f"projector: settings for unknown expert(s) {unknown}; experts: {names}")
 
 
 @dataclass
@@ -208,6 +213,8 @@ def _convert(value: Any, kind: Any, path: str) -> Any:
     if origin is dict or kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {_type_name(value)} {value!r}")
+        if len(args) == 2:
+            return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
         return dict(value)
     if kind is bool:
         if not isinstance(value, bool):

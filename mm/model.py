@@ -16,16 +16,26 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache, Pre
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from data.processor import BranchBatch
-from projectors import ProjectorConfig, build_projector
-from vision.experts import ExpertConfig, VisualExpert
+from projectors import ProjectorConfig, build_fusion
+from vision.experts import ExpertConfig, build_expert
 
 from .llm import cache_argument
 from .loss import mean_loss, shifted_loss_terms
-from .positions import build_position_ids, next_positions
+from .positions import (
+    build_position_ids,
+    next_positions,
+    positions_from_increments,
+    token_increments,
+    visual_increments,
+)
 
 
 class VLMConfig(PretrainedConfig):
-    """Config tree of the VLM: the LLM's own config (``text_config``), experts, projector, positions."""
+    """Config tree of the VLM: the LLM's own config (``text_config``), experts, fusion, positions.
+
+    ``experts`` hold the resolved expert configs (tower defaults filled in, ``tower_config`` recorded), so the
+    saved ``config.json`` alone rebuilds every tower.
+    """
 
     model_type = "mmstack_vlm"
 
@@ -36,6 +46,7 @@ class VLMConfig(PretrainedConfig):
         projector: dict | None = None,
         image_token_id: int = 0,
         visual_delta: float = 1.0,
+        visual_positions: str = "original",
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -45,6 +56,7 @@ class VLMConfig(PretrainedConfig):
         self.projector = asdict(ProjectorConfig.from_dict(projector or {}))
         self.image_token_id = image_token_id
         self.visual_delta = float(visual_delta)
+        self.visual_positions = visual_positions
         kwargs.pop("loss_weighting", None)  # a training setting in models saved before it moved to train
         super().__init__(**kwargs)
 
@@ -69,7 +81,12 @@ class VLM(PreTrainedModel):
     _supports_flash_attn = True
     _no_split_modules: list[str] = []
 
-    def __init__(self, config: VLMConfig, llm: PreTrainedModel | None = None):
+    def __init__(
+        self, config: VLMConfig, llm: PreTrainedModel | None = None, load_expert_weights: bool = False
+    ):
+        """``load_expert_weights``: read each expert's weights from its own files (``mm.build.build_vlm``);
+        otherwise (``from_pretrained``) the towers are rebuilt from the config and this model's safetensors
+        fill them."""
         super().__init__(config)
         if config.text_config is None:
             raise ValueError("VLMConfig.text_config is required (the LLM's config)")
@@ -78,13 +95,16 @@ class VLM(PreTrainedModel):
         experts = config.expert_configs()
         if not experts:
             raise ValueError("VLMConfig.experts is empty: a VLM needs at least one visual expert")
-        self.experts = nn.ModuleDict({e.name: VisualExpert(e) for e in experts})
-        projector = ProjectorConfig.from_dict(config.projector)
-        self.projectors = nn.ModuleDict(
-            {
-                name: build_projector(projector, ex.out_dim, hidden, grid=ex.grid_size)
-                for name, ex in self.experts.items()
-            }
+        self.experts = nn.ModuleDict({e.name: build_expert(e, load_expert_weights) for e in experts})
+        config.experts = [expert.cfg.to_dict() for expert in self.experts.values()]
+        self.fusion = build_fusion(
+            ProjectorConfig.from_dict(config.projector),
+            {name: (ex.out_dim, ex.grid_size) for name, ex in self.experts.items()},
+            hidden,
+        )
+        # how far the position advances after each visual token of an image (MouSi occupancy x V2PE delta)
+        self.visual_increments = visual_increments(
+            config.visual_positions, self.fusion.layout, config.visual_delta
         )
         # A training knob (train.loss_weighting), set by the trainer; not part of the saved model.
         self.loss_weighting = "token"
@@ -107,8 +127,13 @@ class VLM(PreTrainedModel):
 
     @property
     def tokens_per_image(self) -> int:
-        """LLM positions one image occupies (sum over experts of each projector's output length)."""
-        return sum(self.projectors[n].output_length(e.num_tokens) for n, e in self.experts.items())
+        """Visual tokens (LLM embeddings) per image: the fusion's output length."""
+        return self.fusion.num_tokens
+
+    @property
+    def positions_per_image(self) -> float:
+        """LLM positions one image occupies (fewer than its tokens under MouSi position sharing)."""
+        return float(sum(self.visual_increments))
 
     def run_llm(self, cache: Any = None, **inputs: Any) -> CausalLMOutputWithPast:
         """The LLM's forward, with the KV cache passed under the name the installed transformers expects."""
@@ -125,8 +150,7 @@ class VLM(PreTrainedModel):
                     "pass pixel_values as {expert name: tensor} when the VLM has several experts"
                 )
             pixel_values = {next(iter(self.experts)): pixel_values}
-        parts = [self.projectors[name](expert(pixel_values[name])) for name, expert in self.experts.items()]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.fusion({name: expert(pixel_values[name]) for name, expert in self.experts.items()})
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: dict[str, torch.Tensor] | torch.Tensor | None
@@ -139,12 +163,23 @@ class VLM(PreTrainedModel):
         mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
 
+    def increments_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token position increments when the processor did not supply them (the same numbers)."""
+        return token_increments(input_ids, attention_mask, self.config.image_token_id, self.visual_increments)
+
     def position_ids_for(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: torch.Tensor | None = None,
+        increments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return build_position_ids(
-            input_ids, attention_mask, self.config.image_token_id, self.config.visual_delta, start=start
-        )
+        """Float position ids from the processor's ``position_increments`` (else the model's own)."""
+        if increments is None:
+            return build_position_ids(
+                input_ids, attention_mask, self.config.image_token_id, self.visual_increments, start=start
+            )
+        return positions_from_increments(increments, attention_mask, start)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -157,16 +192,20 @@ class VLM(PreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         branches: BranchBatch | None = None,
+        position_increments: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """HF-standard forward; ``branches`` (from ``VLMProcessor.tokenize_branched``) trains single-turn
-        branches that continue the rows of ``input_ids`` (see ``_forward_branches``)."""
+        branches that continue the rows of ``input_ids`` (see ``_forward_branches``);
+        ``position_increments`` (from the processor) set the positions when ``position_ids`` is not given."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if branches is not None:
-            return self._forward_branches(input_ids, attention_mask, pixel_values, labels, branches)
+            return self._forward_branches(
+                input_ids, attention_mask, pixel_values, labels, branches, position_increments
+            )
         if position_ids is None:
-            position_ids = self.position_ids_for(input_ids, attention_mask)
+            position_ids = self.position_ids_for(input_ids, attention_mask, increments=position_increments)
         out = self.run_llm(
             cache=past_key_values,
             inputs_embeds=self.embed(input_ids, pixel_values),
@@ -186,6 +225,7 @@ class VLM(PreTrainedModel):
         pixel_values: dict[str, torch.Tensor] | torch.Tensor | None,
         labels: torch.Tensor | None,
         branches: BranchBatch,
+        increments: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Prefixes once with a KV cache, then every branch as a short row continuing its record's prefix.
 
@@ -195,7 +235,9 @@ class VLM(PreTrainedModel):
         into the prefix. Branch rows run in length groups, each cut to its own length. Returns the loss only
         (a training path; gathering every group's logits would copy them each step).
         """
-        prefix_positions = self.position_ids_for(input_ids, attention_mask)
+        if increments is None:
+            increments = self.increments_for(input_ids, attention_mask)
+        prefix_positions = self.position_ids_for(input_ids, attention_mask, increments=increments)
         cache = DynamicCache(config=self.llm.config)
         prefix = self.run_llm(
             cache=cache,
@@ -205,7 +247,7 @@ class VLM(PreTrainedModel):
             use_cache=True,
             logits_to_keep=0 if labels is not None else 1,
         )
-        start = next_positions(prefix_positions, attention_mask)
+        start = next_positions(prefix_positions, attention_mask, increments)
         terms = []
         for first, last, length in branches.groups:
             owner = branches.owner[first:last]
@@ -230,6 +272,7 @@ class VLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
+        position_increments: torch.Tensor | None = None,
         streamer: Any = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -250,6 +293,7 @@ class VLM(PreTrainedModel):
             input_ids,
             attention_mask,
             pixel_values,
+            position_increments=position_increments,
             settings=GenerationSettings(**settings),
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

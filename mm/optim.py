@@ -15,20 +15,24 @@ def apply_stage(model: VLM, stage: str, train_experts: bool) -> dict[str, int]:
     model.llm.requires_grad_(stage == "sft")
     for expert in model.experts.values():
         expert.requires_grad_(train_experts and not expert.cfg.frozen)
-    model.projectors.requires_grad_(True)
-    parts = {"llm": model.llm, "experts": model.experts, "projectors": model.projectors}
+    model.fusion.requires_grad_(True)
+    parts = {"llm": model.llm, "experts": model.experts, "fusion": model.fusion}
     return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
 
 
 def param_groups(model: VLM, cfg: RunConfig) -> list[dict[str, Any]]:
-    """AdamW groups: per-part learning rates; no weight decay on biases, norms and embeddings."""
+    """AdamW groups: per-part learning rates (an expert's own ``lr`` first); no weight decay on biases,
+    norms and embeddings."""
     t = cfg.train
-    lrs = {"llm": t.lr, "projectors": t.projector_lr or t.lr, "experts": t.expert_lr or t.lr}
+    lrs = {"llm": t.lr, "fusion": t.projector_lr or t.lr}
+    for name, expert in model.experts.items():
+        lrs[f"experts.{name}"] = expert.cfg.lr or t.expert_lr or t.lr
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = name.split(".", 1)[0]
+        head, rest = name.split(".", 1)
+        part = f"experts.{rest.split('.', 1)[0]}" if head == "experts" else head
         decay = p.ndim >= 2 and "embed" not in name
         groups.setdefault((part, decay), []).append(p)
     return [

@@ -82,7 +82,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The model's inputs of a collated batch, on ``device`` (labels may be None, see VLMProcessor)."""
     out = {
         k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-        for k in ("input_ids", "attention_mask", "labels")
+        for k in ("input_ids", "attention_mask", "labels", "position_increments")
     }
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
@@ -339,6 +339,12 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         if self.is_main:
             log.info("trainable parameters: %s", self.counts)
+            log.info(
+                "each image: %d visual tokens at %g LLM positions (%s)",
+                self.processor.tokens_per_image,
+                self.processor.positions_per_image,
+                ", ".join(e.describe() for e in self.accelerator.unwrap_model(self.model).experts.values()),
+            )
         bar = Progress(self.schedule, state, f"train[{cfg.stage}]", self.progress and self.is_main)
         start = time.perf_counter() - state.elapsed
         self._window_tokens, self._window_start = 0, time.perf_counter()
@@ -376,7 +382,15 @@ class Trainer:
         """Final validation, a last checkpoint, the exported model, and what was skipped."""
         val = self.validate()
         if val is not None:
-            self.log.write({"step": self.state.step, "val_loss": val, "final": True})
+            self.log.write(
+                {
+                    "step": self.state.step,
+                    "val_loss": val,
+                    "final": True,
+                    "visual_tokens_per_image": self.processor.tokens_per_image,
+                    "positions_per_image": self.processor.positions_per_image,
+                }
+            )
         self.save_checkpoint()
         export = self.out / "model"
         if self.is_main:

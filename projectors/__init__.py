@@ -1,48 +1,41 @@
-"""Projectors: map a visual expert's token grid to LLM embeddings. One registry, one config dataclass.
+"""Fusion of visual experts into LLM embeddings: one config, one registry of families.
 
-A projector class is built by ``from_config(cfg, in_dim, out_dim, grid)`` and says how many LLM positions it
-produces for a number of expert tokens (``output_length``). Add a kind by writing its module and registering
-it below.
+A fusion takes ``{expert name: [B, N_e, C_e]}`` (with each expert's grid known at build time) and returns
+visual embeddings ``[B, M, D]``; its ``layout`` (the grids of its output segments) tells ``mm.positions`` how
+many positions each visual token occupies. Add a family: a ``Fusion`` subclass in its own module,
+registered in ``FUSIONS`` and named in ``config.FUSION_TYPES``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from torch import nn
-
+from .base import Fusion, TokenGrid
+from .channel_concat import ChannelConcatFusion
+from .concat import ConcatFusion
+from .config import FUSION_TYPES, ExpertProjection, ProjectorConfig
 from .mlp import MLPProjector
+from .pooling import TokenPool
+from .resampler import ResamplerFusion
 
-PROJECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector}
-
-
-@dataclass
-class ProjectorConfig:
-    """``type`` picks the registered class; the other fields are its options (MLP: see ``mlp.py``)."""
-
-    type: str = "mlp"
-    depth: int = 2
-    hidden_dim: int | None = None
-    pool: int = 1  # merge pool x pool neighbouring tokens into one (pixel-unshuffle)
-    pos_embed: bool = False  # append fixed 2-D sin-cos coordinates of each token
-
-    def __post_init__(self) -> None:
-        if self.type not in PROJECTORS:
-            raise ValueError(f"type: unknown projector {self.type!r}; known: {', '.join(sorted(PROJECTORS))}")
-        if self.depth < 1:
-            raise ValueError(f"depth: must be >= 1, got {self.depth}")
-        if self.pool < 1:
-            raise ValueError(f"pool: must be >= 1, got {self.pool}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ProjectorConfig:
-        return cls(**d)
+FUSIONS: dict[str, type[Fusion]] = {
+    "concat": ConcatFusion,
+    "channel_concat": ChannelConcatFusion,
+    "resampler": ResamplerFusion,
+}
+assert set(FUSIONS) == set(FUSION_TYPES)
 
 
-def build_projector(
-    cfg: ProjectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int] | None = None
-) -> nn.Module:
-    return PROJECTORS[cfg.type].from_config(cfg, in_dim, out_dim, grid)
+def build_fusion(cfg: ProjectorConfig, experts: dict[str, TokenGrid], out_dim: int) -> Fusion:
+    """The fusion ``cfg`` describes over ``experts`` (name -> channels and grid), into width ``out_dim``."""
+    return FUSIONS[cfg.type](cfg, {n: TokenGrid(*spec) for n, spec in experts.items()}, out_dim)
 
 
-__all__ = ["PROJECTORS", "MLPProjector", "ProjectorConfig", "build_projector"]
+__all__ = [
+    "FUSIONS",
+    "ExpertProjection",
+    "Fusion",
+    "MLPProjector",
+    "ProjectorConfig",
+    "TokenGrid",
+    "TokenPool",
+    "build_fusion",
+]

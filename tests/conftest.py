@@ -99,3 +99,62 @@ def mm(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess
     return subprocess.run(
         [str(MM), *args], capture_output=True, text=True, timeout=timeout, env=env, input=stdin
     )
+
+
+# -- tiny towers of every expert kind, written to disk as users have them -----------------------------------
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_VIT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=8
+)
+
+
+def make_hf_clip_dir(path: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A two-tower ``CLIPModel`` directory with LLaVA's CLIP image-processor config (centre crop, bicubic)."""
+    import json
+
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(TINY_VIT, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
+    text.pop("patch_size")
+    config = CLIPConfig(
+        vision_config=dict(TINY_VIT, image_size=image_size), text_config=text, projection_dim=16
+    )
+    CLIPModel(config).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": image_size, "width": image_size},
+                "do_center_crop": True,
+                "size": {"shortest_edge": image_size},
+                "resample": 3,
+                "image_mean": CLIP_MEAN,
+                "image_std": CLIP_STD,
+            }
+        )
+    )
+    return path
+
+
+def make_open_clip_dir(path: Path, image_size: int = 32, seed: int = 0) -> tuple[Path, dict]:
+    """An open_clip ``local-dir`` folder (config + safetensors of a whole CLIP) and its model_cfg."""
+    import json
+
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model_cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": image_size, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in CLIP(**model_cfg).state_dict().items()}
+    save_file(state, path / "open_clip_model.safetensors")
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "longest"}
+    (path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    )
+    return path, model_cfg

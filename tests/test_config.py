@@ -23,7 +23,7 @@ def test_defaults_are_typed_sections():
     [
         (
             ["model.projector.pol=2"],
-            "model.projector.pol: unknown key; known: depth, hidden_dim, pool, pos_embed, type",
+            "model.projector.pol: unknown key; known: depth, experts, grid, heads, hidden_dim, layers, pool",
         ),
         (["model.llm.hidden=64"], "model.llm.hidden: unknown key; known: family, hidden_size, "),
         (
@@ -36,8 +36,20 @@ def test_defaults_are_typed_sections():
         (["train.stage=pretrain"], "train.stage: expected one of 'align', 'sft', got 'pretrain'"),
         (["train.betas=[0.9]"], "train.betas: expected a list of 2 values, got [0.9]"),
         (["data.cache_pixels=maybe"], "data.cache_pixels: expected true or false, got 'maybe'"),
-        (["model.projector.type=qformer"], "model.projector.type: unknown projector 'qformer'; known: mlp"),
-        (["model.experts.0.kind=clip"], "model.experts[0].kind: unknown expert kind 'clip'; known: timm"),
+        (
+            ["model.projector.type=qformer"],
+            "model.projector.type: expected one of 'concat', 'channel_concat', 'resampler', 'mlp', got",
+        ),
+        (["model.projector.experts.cnn.pool=2"], "model.projector: settings for unknown expert(s) ['cnn']"),
+        (["model.projector.pool_mode=max"], "model.projector.pool_mode: expected one of 'shuffle', 'avg'"),
+        (
+            ["model.visual_positions=by_row"],
+            "model.visual_positions: expected one of 'original', 'share_by_row'",
+        ),
+        (
+            ["model.experts.0.kind=clip"],
+            "model.experts[0].kind: unknown expert kind 'clip'; known: timm, open_clip, hf",
+        ),
         (["data.box_format.frame=0"], "data.box_format: BoxFormat.frame must be a positive integer, got 0"),
         (
             ["model.llm.path=/llm", "model.llm.hidden_size=64"],
@@ -64,7 +76,7 @@ def test_overrides_reach_list_items_and_parse_yaml_values(tmp_path):
     cfg = load_config(
         path, ["model.experts.1.image_size=128", "model.experts[0].frozen=true", "train.lr=1e-3"]
     )
-    assert [e.image_size for e in cfg.model.experts] == [224, 128] and cfg.model.experts[0].frozen
+    assert [e.image_size for e in cfg.model.experts] == [None, 128] and cfg.model.experts[0].frozen
     assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
     with pytest.raises(ConfigError, match=r"model.experts.5.image_size=1'.*no item 5 in a list of 2"):
         load_config(path, ["model.experts.5.image_size=1"])

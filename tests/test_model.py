@@ -101,7 +101,7 @@ def test_gradients_reach_experts_projector_and_llm():
     model, proc = build_tiny(seed=4)
     model.train()
     model(**train_batch(proc)).loss.backward()
-    for part in ("experts", "projectors", "llm"):
+    for part in ("experts", "fusion", "llm"):
         grads = [p.grad for p in getattr(model, part).parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads), part
         assert sum(float(g.abs().sum()) for g in grads) > 0, part
