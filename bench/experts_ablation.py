@@ -3,6 +3,7 @@ which position scheme. Every row trains from scratch on the same data with the s
 
     python bench/experts_ablation.py --out abl --seeds 0 1 --json abl.json --plot abl.png
     python bench/experts_ablation.py --out abl --rows cnn triple --steps 20 --n 400   # a quick smoke run
+    python bench/experts_ablation.py --merge s0.json s1.json --json abl.json --plot abl.png  # seeds run apart
 
 Experts (96 px ShapesWorld, all three give a 12x12 grid; none has pretrained weights offline, so all train):
 ``cnn`` timm resnet10t at stride 8; ``cswin`` our CSWin-T (timm) at stage 1; ``clip`` an HF CLIPVisionModel
@@ -256,6 +257,30 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=130)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """One table, JSON and plot from runs made apart (e.g. one seed per 10-minute device call)."""
+    parts = [json.loads(p.read_text()) for p in args.merge]
+    runs = [r for part in parts for r in part["runs"]]
+    rows = [row for row in ROWS if any(r["row"] == row for r in runs)]
+    summary = table(runs, rows)
+    print_table(summary)
+    seeds = sorted({r["seed"] for r in runs})
+    settings = {**parts[0]["settings"], "seeds": seeds, "merged_from": [str(p) for p in args.merge]}
+    first = parts[0]
+    if args.json:
+        body = {
+            "date": first["date"],
+            "device": first["device"],
+            "torch": first["torch"],
+            "settings": settings,
+        }
+        args.json.write_text(json.dumps({**body, "summary": summary, "runs": runs}, indent=2))
+    if args.plot:
+        steps, device = settings["steps"], first["device"]
+        title = f"ShapesWorld expert ablation: {steps} steps x batch 32, seeds {seeds}, {device}"
+        plot(summary, args.plot, title)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("experts_ablation"))
@@ -270,11 +295,14 @@ def main() -> None:
     ap.add_argument("--deadline-minutes", type=float, default=None, help="kill runs still going after this")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--merge", nargs="*", type=Path, default=None, help="combine the JSON of earlier runs")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child process: one row
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         return run_one(args)
+    if args.merge:
+        return merge(args)
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from data.processor import BranchBatch
@@ -62,6 +69,10 @@ class VLMConfig(PretrainedConfig):
 
     def expert_configs(self) -> list[ExpertConfig]:
         return [ExpertConfig.from_dict(e) for e in self.experts]
+
+
+# AutoTokenizer reads a model directory's config.json: an unregistered model type gets a warning every load
+AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)
 
 
 def _select_cache_rows(cache: DynamicCache, index: torch.Tensor, config: PretrainedConfig) -> DynamicCache:
@@ -150,7 +161,10 @@ class VLM(PreTrainedModel):
                     "pass pixel_values as {expert name: tensor} when the VLM has several experts"
                 )
             pixel_values = {next(iter(self.experts)): pixel_values}
-        return self.fusion({name: expert(pixel_values[name]) for name, expert in self.experts.items()})
+        dtype = next(self.fusion.parameters()).dtype  # a tower may compute in its own precision
+        return self.fusion(
+            {name: expert(pixel_values[name]).to(dtype) for name, expert in self.experts.items()}
+        )
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: dict[str, torch.Tensor] | torch.Tensor | None

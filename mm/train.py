@@ -329,6 +329,9 @@ class Trainer:
             "elapsed": round(state.elapsed, 3),
             "batch": _batch_fingerprint(batch["ids"]),
         }
+        if state.step == 1:  # what each image costs the LLM, once in the log
+            record["visual_tokens_per_image"] = self.processor.tokens_per_image
+            record["positions_per_image"] = self.processor.positions_per_image
         if state.step % cfg.log_every == 0:
             now = time.perf_counter()
             record["tokens_per_s"] = self._window_tokens / max(1e-9, now - self._window_start)
@@ -382,15 +385,7 @@ class Trainer:
         """Final validation, a last checkpoint, the exported model, and what was skipped."""
         val = self.validate()
         if val is not None:
-            self.log.write(
-                {
-                    "step": self.state.step,
-                    "val_loss": val,
-                    "final": True,
-                    "visual_tokens_per_image": self.processor.tokens_per_image,
-                    "positions_per_image": self.processor.positions_per_image,
-                }
-            )
+            self.log.write({"step": self.state.step, "val_loss": val, "final": True})
         self.save_checkpoint()
         export = self.out / "model"
         if self.is_main:

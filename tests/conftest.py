@@ -26,7 +26,7 @@ CORPUS = [
 
 TINY_LLM = {"family": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_EXPERT = {"name": "main", "model": "resnet10t", "image_size": 64, "feature_index": 2}
-TINY_PROJECTOR = {"type": "mlp", "pool": 2, "pos_embed": True}
+TINY_PROJECTOR = {"type": "concat", "pool": 2, "pos_embed": True}
 
 
 def tiny_run_model() -> dict:

@@ -139,3 +139,15 @@ def test_a_model_directory_from_before_the_fusion_registry_still_loads(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).loss, model(**batch).loss)
     assert reproc.visual_increments == [1.0] * proc.tokens_per_image
+
+
+def test_a_saved_multi_expert_model_loads_quietly_in_bf16_and_generates(tmp_path, capfd):
+    model, proc, _ = three_experts(tmp_path, {"type": "concat", "pool": 2, "experts": {"clip": {"pool": 1}}})
+    out = save_vlm(model.eval(), proc, tmp_path / "vlm")
+    capfd.readouterr()
+    reloaded, reproc = load_vlm(out, dtype=torch.bfloat16)
+    assert "You are using a model of type" not in capfd.readouterr().err  # no warning on every load
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    batch = reproc.collate([reproc([CONV[0]], [solid_image()], for_generation=True)], padding_side="left")
+    batch.pop("labels")
+    assert reloaded.generate(**batch, max_new_tokens=3, eos_token_id=-1).shape == (1, 3)

@@ -114,7 +114,12 @@ class HFExpert(VisualExpert):
         self.grid_size = (size // patch, size // patch)
         self.out_dim = int(vision.hidden_size)
         tower = vision.to_dict()
-        tower.pop("transformers_version", None)
+        for key in (
+            "transformers_version",
+            "dtype",
+            "torch_dtype",
+        ):  # the VLM's dtype decides, not the file's
+            tower.pop(key, None)
         self._layer = layer
         if defaults:
             defaults.update(tower_config=tower)
