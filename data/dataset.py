@@ -7,6 +7,7 @@ stops a long run: the sample is dropped from its batch and reported under ``skip
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,8 +39,12 @@ class ConversationDataset(Dataset):
         cache_pixels: bool = False,
         blind: bool = False,
         branch_turns: bool = False,
+        deltas: Sequence[float] | None = None,
+        seed: int = 0,
         progress: bool = True,
     ):
+        """``deltas``: V2PE training; each image of record ``index`` draws its delta from this set with a
+        generator seeded by (``seed``, ``index``), so a resumed or repeated run draws the same ones."""
         self.processor = processor
         self.media = media
         self.split = split
@@ -61,6 +66,9 @@ class ConversationDataset(Dataset):
             except ValueError as err:
                 self.skipped.append(Skip.from_error(split, index, rec.get("id"), err))
                 continue
+            if deltas and entries:
+                draw = random.Random(f"v2pe:{seed}:{index}")
+                feats["image_deltas"] = [float(draw.choice(list(deltas))) for _ in entries]
             self.records.append({**rec, "_media": entries})
             self.features.append(feats)
             self.indices.append(index)

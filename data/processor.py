@@ -11,6 +11,7 @@ the collated batch then carries the branches as a ``BranchBatch`` beside the pre
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -88,7 +89,8 @@ class VLMProcessor:
         image_transforms: Mapping[str, ImageTransform],
         tokens_per_image: int,
         *,
-        visual_increments: Sequence[float] | None = None,
+        visual_offsets: Sequence[float] | None = None,
+        delta: float = 1.0,
         chat_template: str | None = None,
         system_prompt: str | None = None,
         max_length: int | None = None,
@@ -100,34 +102,24 @@ class VLMProcessor:
         self.image_token_id = ensure_image_token(tokenizer)
         self.image_transforms = dict(image_transforms)
         self.tokens_per_image = tokens_per_image
-        # how far the position advances after each visual token of an image (the model's
-        # ``visual_increments``: MouSi occupancy x V2PE delta); every token gets its increment in
-        # ``position_increments`` so that per-image settings can change them here, not in the model
-        self.visual_increments = [float(v) for v in (visual_increments or [1.0] * tokens_per_image)]
-        if len(self.visual_increments) != tokens_per_image:
+        # each visual token's offset from the position before its image (the model's ``visual_offsets``,
+        # MouSi occupancy), and the V2PE delta every image gets unless a record draws its own
+        # (``image_deltas`` of a feature: the model places each image at its delta, mm.positions)
+        self.visual_offsets = [float(v) for v in (visual_offsets or range(1, tokens_per_image + 1))]
+        if len(self.visual_offsets) != tokens_per_image:
             raise ValueError(
-                f"visual_increments has {len(self.visual_increments)} entries for {tokens_per_image} tokens"
+                f"visual_offsets has {len(self.visual_offsets)} entries for {tokens_per_image} tokens"
             )
+        self.delta = float(delta)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.box_format = box_format or BoxFormat()  # how the model writes boxes (data.box_format)
 
     @property
-    def positions_per_image(self) -> float:
-        """LLM positions one image occupies (``tokens_per_image`` unless positions are shared)."""
-        return float(sum(self.visual_increments))
-
-    def increments(self, ids: Sequence[int]) -> list[float]:
-        """Per-token position increments of one row: 1 for text, the image's pattern for visual tokens."""
-        out, k, n = [], 0, self.tokens_per_image
-        for tok in ids:
-            if tok == self.image_token_id:
-                out.append(self.visual_increments[k % n])
-                k += 1
-            else:
-                out.append(1.0)
-        return out
+    def positions_per_image(self) -> int:
+        """LLM positions one image occupies at ``delta`` (``tokens_per_image`` unless shared or V2PE)."""
+        return math.ceil(self.delta * max(self.visual_offsets))
 
     # -- text -----------------------------------------------------------------------------------------
     def _messages(self, conversation: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -179,7 +171,7 @@ class VLMProcessor:
             if for_generation:
                 raise ValueError(f"prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": ids, "labels": labels, "position_increments": self.increments(ids)}
+        return {"input_ids": ids, "labels": labels}
 
     def tokenize_branched(self, conversation: Sequence[Mapping[str, Any]], num_images: int) -> dict[str, Any]:
         """A multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
@@ -240,7 +232,6 @@ class VLMProcessor:
         return {
             "input_ids": ids,
             "labels": labels,
-            "position_increments": self.increments(ids),
             "branches": branches,
         }
 
@@ -279,11 +270,15 @@ class VLMProcessor:
             IGNORE_INDEX,
             padding_side,
         )
-        increments = torch.zeros(ids.shape, dtype=torch.float32)
+        # V2PE: each image's delta, [rows, most images in a row] (a feature's own draw, else ``delta``)
+        counts = [
+            int((torch.as_tensor(f["input_ids"]) == self.image_token_id).sum()) // self.tokens_per_image
+            for f in features
+        ]
+        deltas = torch.full((len(features), max([1, *counts])), self.delta, dtype=torch.float64)
         for row, f in enumerate(features):
-            inc = f.get("position_increments") or self.increments(f["input_ids"])
-            cols = slice(ids.shape[1] - len(inc), None) if padding_side == "left" else slice(0, len(inc))
-            increments[row, cols] = torch.tensor(inc, dtype=torch.float32)
+            if f.get("image_deltas"):
+                deltas[row, : len(f["image_deltas"])] = torch.tensor(f["image_deltas"], dtype=torch.float64)
         pixel_values = None
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
@@ -292,7 +287,7 @@ class VLMProcessor:
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "position_increments": increments,
+            "image_deltas": deltas,
             "pixel_values": pixel_values,
         }
         rows = [
@@ -312,7 +307,8 @@ class VLMProcessor:
     def settings(self) -> dict[str, Any]:
         return {
             "tokens_per_image": self.tokens_per_image,
-            "visual_increments": self.visual_increments,
+            "visual_offsets": self.visual_offsets,
+            "delta": self.delta,
             "image_token": IMAGE_TOKEN,
             "chat_template": self.chat_template,
             "system_prompt": self.system_prompt,
@@ -349,7 +345,8 @@ class VLMProcessor:
             tokenizer,
             image_transforms,
             settings["tokens_per_image"],
-            visual_increments=settings.get("visual_increments"),  # absent in older directories: all 1
+            visual_offsets=settings.get("visual_offsets"),  # absent in older directories: 1..N
+            delta=settings.get("delta", 1.0),
             chat_template=settings.get("chat_template"),
             system_prompt=settings.get("system_prompt"),
             max_length=settings.get("max_length"),

@@ -51,6 +51,7 @@ def build_vlm(model_cfg: ModelConfig, tokenizer: Any) -> VLM:
         image_token_id=ensure_image_token(tokenizer),
         visual_delta=model_cfg.visual_delta,
         visual_positions=model_cfg.visual_positions,
+        v2pe=model_cfg.v2pe,
     )
     return VLM(config, llm=llm, load_expert_weights=True)
 
@@ -61,7 +62,8 @@ def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = Non
         tokenizer,
         {name: expert.preprocess for name, expert in model.experts.items()},
         model.tokens_per_image,
-        visual_increments=model.visual_increments,
+        visual_offsets=model.visual_offsets,
+        delta=model.config.visual_delta,
         system_prompt=data_cfg.system_prompt,
         max_length=data_cfg.max_length,
         box_format=data_cfg.box_format,

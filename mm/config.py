@@ -76,6 +76,9 @@ class ModelConfig:
     visual_delta: float = 1.0  # position increment of a visual token (V2PE's delta; 1.0 = plain)
     # MouSi position occupancy of an image's tokens: each its own position, one per grid row, or one in all
     visual_positions: Literal["original", "share_by_row", "share_all"] = "original"
+    # V2PE: in training each image draws its delta from data.v2pe_deltas; rotary angles from float64
+    # positions (fractional steps survive far out); at inference every image at visual_delta
+    v2pe: bool = False
     init_from: str | None = None  # an mmstack model directory to start from (e.g. align -> sft)
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class DataConfig:
     branch_turns: bool = False
     num_workers: int = 0
     val_max_records: int = 256
+    # the deltas V2PE training draws from, one per image (the paper's {1, 1/2, ..., 1/256}); model.v2pe only
+    v2pe_deltas: list[float] = field(default_factory=lambda: [2.0**-k for k in range(9)])
 
 
 @dataclass

@@ -51,7 +51,7 @@ def generate(
     attention_mask: torch.Tensor,
     pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
     *,
-    position_increments: torch.Tensor | None = None,
+    image_deltas: torch.Tensor | None = None,
     settings: GenerationSettings | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
@@ -67,9 +67,7 @@ def generate(
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
-    if position_increments is None:
-        position_increments = model.increments_for(input_ids, attention_mask)
-    positions = model.position_ids_for(input_ids, attention_mask, increments=position_increments)
+    positions = model.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
     embeds = model.embed(input_ids, pixel_values)
     cache = DynamicCache(config=model.llm.config)
     out = model.run_llm(
@@ -80,7 +78,7 @@ def generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    next_pos = next_positions(positions, attention_mask, position_increments)
+    next_pos = next_positions(positions, attention_mask)
     mask = attention_mask
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

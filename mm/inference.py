@@ -76,7 +76,7 @@ def collate(
     return {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
-        "position_increments": batch["position_increments"].to(device),
+        "image_deltas": batch["image_deltas"].to(device),
         "pixel_values": None if pv is None else {k: v.to(device) for k, v in pv.items()},
     }
 

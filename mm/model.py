@@ -28,13 +28,8 @@ from vision.experts import ExpertConfig, build_expert
 
 from .llm import cache_argument
 from .loss import mean_loss, shifted_loss_terms
-from .positions import (
-    build_position_ids,
-    next_positions,
-    positions_from_increments,
-    token_increments,
-    visual_increments,
-)
+from .positions import build_position_ids, next_positions, positions_occupied, visual_offsets
+from .rope import install_precise_rotary, rotary_modules
 
 
 class VLMConfig(PretrainedConfig):
@@ -54,6 +49,7 @@ class VLMConfig(PretrainedConfig):
         image_token_id: int = 0,
         visual_delta: float = 1.0,
         visual_positions: str = "original",
+        v2pe: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -64,6 +60,7 @@ class VLMConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.visual_delta = float(visual_delta)
         self.visual_positions = visual_positions
+        self.v2pe = bool(v2pe)  # per-image deltas in training; rotary angles from float64 positions
         kwargs.pop("loss_weighting", None)  # a training setting in models saved before it moved to train
         super().__init__(**kwargs)
 
@@ -113,10 +110,16 @@ class VLM(PreTrainedModel):
             {name: (ex.out_dim, ex.grid_size) for name, ex in self.experts.items()},
             hidden,
         )
-        # how far the position advances after each visual token of an image (MouSi occupancy x V2PE delta)
-        self.visual_increments = visual_increments(
-            config.visual_positions, self.fusion.layout, config.visual_delta
-        )
+        # each visual token's offset from the position before its image, in units of delta (mm.positions)
+        self.visual_offsets = visual_offsets(config.visual_positions, self.fusion.layout)
+        self._learned_positions = not rotary_modules(self.llm)
+        if self._learned_positions and (config.v2pe or config.visual_delta != 1.0):
+            raise ValueError(
+                f"model.llm: {type(self.llm).__name__} has learned absolute position embeddings, which take "
+                "integer positions only; V2PE (visual_delta != 1 or v2pe) needs a RoPE LLM (Llama, Qwen2...)"
+            )
+        if config.v2pe:
+            install_precise_rotary(self.llm)
         # A training knob (train.loss_weighting), set by the trainer; not part of the saved model.
         self.loss_weighting = "token"
         self.post_init()
@@ -142,14 +145,16 @@ class VLM(PreTrainedModel):
         return self.fusion.num_tokens
 
     @property
-    def positions_per_image(self) -> float:
-        """LLM positions one image occupies (fewer than its tokens under MouSi position sharing)."""
-        return float(sum(self.visual_increments))
+    def positions_per_image(self) -> int:
+        """LLM positions one image occupies at the model's delta (fewer than its tokens when shared)."""
+        return positions_occupied(self.visual_offsets, self.config.visual_delta)
 
     def run_llm(self, cache: Any = None, **inputs: Any) -> CausalLMOutputWithPast:
         """The LLM's forward, with the KV cache passed under the name the installed transformers expects."""
         if cache is not None:
             inputs[cache_argument(self.llm)] = cache
+        if self._learned_positions and inputs.get("position_ids") is not None:
+            inputs["position_ids"] = inputs["position_ids"].long()  # integer positions (checked at build)
         return self.llm(**inputs)
 
     # -- vision -------------------------------------------------------------------------------------
@@ -177,23 +182,19 @@ class VLM(PreTrainedModel):
         mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
 
-    def increments_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token position increments when the processor did not supply them (the same numbers)."""
-        return token_increments(input_ids, attention_mask, self.config.image_token_id, self.visual_increments)
-
     def position_ids_for(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         start: torch.Tensor | None = None,
-        increments: torch.Tensor | None = None,
+        image_deltas: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float position ids from the processor's ``position_increments`` (else the model's own)."""
-        if increments is None:
-            return build_position_ids(
-                input_ids, attention_mask, self.config.image_token_id, self.visual_increments, start=start
-            )
-        return positions_from_increments(increments, attention_mask, start)
+        """Float64 position ids (``mm.positions``): each image at its delta from ``image_deltas`` (``[B, K]``,
+        from the processor), else at the model's ``visual_delta``."""
+        deltas = self.config.visual_delta if image_deltas is None else image_deltas
+        return build_position_ids(
+            input_ids, attention_mask, self.config.image_token_id, self.visual_offsets, deltas, start=start
+        )
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -206,20 +207,20 @@ class VLM(PreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         branches: BranchBatch | None = None,
-        position_increments: torch.Tensor | None = None,
+        image_deltas: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """HF-standard forward; ``branches`` (from ``VLMProcessor.tokenize_branched``) trains single-turn
-        branches that continue the rows of ``input_ids`` (see ``_forward_branches``);
-        ``position_increments`` (from the processor) set the positions when ``position_ids`` is not given."""
+        branches that continue the rows of ``input_ids`` (see ``_forward_branches``); ``image_deltas``
+        (from the processor: V2PE's per-image delta) set the positions when ``position_ids`` is not given."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if branches is not None:
             return self._forward_branches(
-                input_ids, attention_mask, pixel_values, labels, branches, position_increments
+                input_ids, attention_mask, pixel_values, labels, branches, image_deltas
             )
         if position_ids is None:
-            position_ids = self.position_ids_for(input_ids, attention_mask, increments=position_increments)
+            position_ids = self.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
         out = self.run_llm(
             cache=past_key_values,
             inputs_embeds=self.embed(input_ids, pixel_values),
@@ -239,7 +240,7 @@ class VLM(PreTrainedModel):
         pixel_values: dict[str, torch.Tensor] | torch.Tensor | None,
         labels: torch.Tensor | None,
         branches: BranchBatch,
-        increments: torch.Tensor | None = None,
+        image_deltas: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Prefixes once with a KV cache, then every branch as a short row continuing its record's prefix.
 
@@ -249,9 +250,7 @@ class VLM(PreTrainedModel):
         into the prefix. Branch rows run in length groups, each cut to its own length. Returns the loss only
         (a training path; gathering every group's logits would copy them each step).
         """
-        if increments is None:
-            increments = self.increments_for(input_ids, attention_mask)
-        prefix_positions = self.position_ids_for(input_ids, attention_mask, increments=increments)
+        prefix_positions = self.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
         cache = DynamicCache(config=self.llm.config)
         prefix = self.run_llm(
             cache=cache,
@@ -261,7 +260,7 @@ class VLM(PreTrainedModel):
             use_cache=True,
             logits_to_keep=0 if labels is not None else 1,
         )
-        start = next_positions(prefix_positions, attention_mask, increments)
+        start = next_positions(prefix_positions, attention_mask)
         terms = []
         for first, last, length in branches.groups:
             owner = branches.owner[first:last]
@@ -286,7 +285,7 @@ class VLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
-        position_increments: torch.Tensor | None = None,
+        image_deltas: torch.Tensor | None = None,
         streamer: Any = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -307,7 +306,7 @@ class VLM(PreTrainedModel):
             input_ids,
             attention_mask,
             pixel_values,
-            position_increments=position_increments,
+            image_deltas=image_deltas,
             settings=GenerationSettings(**settings),
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

@@ -82,7 +82,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The model's inputs of a collated batch, on ``device`` (labels may be None, see VLMProcessor)."""
     out = {
         k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-        for k in ("input_ids", "attention_mask", "labels", "position_increments")
+        for k in ("input_ids", "attention_mask", "labels", "image_deltas")
     }
     pv = batch.get("pixel_values")
     out["pixel_values"] = None if pv is None else {k: v.to(device, non_blocking=True) for k, v in pv.items()}
@@ -173,6 +173,7 @@ class Trainer:
         processor.system_prompt = cfg.data.system_prompt
         processor.box_format = cfg.data.box_format
         self.processor = processor
+        self.processor_v2pe = bool(model.config.v2pe)  # images draw their deltas in training
         self.counts = apply_stage(model, cfg.train.stage, cfg.train.train_experts)
         model.loss_weighting = cfg.train.loss_weighting
         if cfg.train.attn_implementation:
@@ -199,6 +200,8 @@ class Trainer:
             cache_pixels=data.cache_pixels or split == "val",
             blind=data.blind,
             branch_turns=data.branch_turns and split == "train",
+            deltas=data.v2pe_deltas if split == "train" and self.processor_v2pe else None,
+            seed=self.cfg.train.seed,
             progress=self.progress and self.is_main and split == "train",
         )
         self.skips.extend(dataset.skipped)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import CORPUS, solid_image, tiny_model_section
 
-from mm.positions import build_position_ids, next_positions, visual_increments
+from mm.positions import build_position_ids, next_positions, positions_occupied, visual_offsets
 from projectors import FUSIONS, ProjectorConfig, TokenPool, build_fusion
 from projectors.channel_concat import resample_grid
 
@@ -100,18 +100,17 @@ def test_unknown_per_expert_settings_and_types_are_named():
     assert set(FUSIONS) == {"concat", "channel_concat", "resampler"}
 
 
-# -- MouSi position occupancy ----------------------------------------------------------------------
+# -- MouSi position occupancy -----------------------------------------------------------------------
 IMG = 9
 
 
-def test_visual_increments_of_each_scheme_by_hand():
+def test_visual_offsets_of_each_scheme_by_hand():
     layout = [(2, 3), (1, 2)]  # two segments: a 2x3 grid, then a 1x2 grid (8 tokens)
-    assert visual_increments("original", layout) == [1.0] * 8
-    assert visual_increments("share_by_row", layout) == [0, 0, 1, 0, 0, 1, 0, 1]
-    assert visual_increments("share_all", layout) == [0] * 7 + [1]
-    assert visual_increments("share_by_row", layout, delta=0.5) == [0, 0, 0.5, 0, 0, 0.5, 0, 0.5]
+    assert visual_offsets("original", layout) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert visual_offsets("share_by_row", layout) == [1, 1, 1, 2, 2, 2, 3, 3]
+    assert visual_offsets("share_all", layout) == [1] * 8
     with pytest.raises(ValueError, match="visual_positions: unknown scheme 'by_col'"):
-        visual_increments("by_col", layout)
+        visual_offsets("by_col", layout)
 
 
 @pytest.mark.parametrize(
@@ -126,22 +125,22 @@ def test_visual_increments_of_each_scheme_by_hand():
 )
 def test_position_ids_of_each_scheme_and_text_resumes_after_the_occupied_positions(scheme, expected):
     ids = torch.tensor([[1] + [IMG] * 8 + [2, 3]])
-    inc = visual_increments(scheme, [(2, 3), (1, 2)])
-    pos = build_position_ids(ids, torch.ones_like(ids), IMG, inc)
+    offsets = visual_offsets(scheme, [(2, 3), (1, 2)])
+    pos = build_position_ids(ids, torch.ones_like(ids), IMG, offsets)
     assert pos[0].tolist() == expected
     # two images in a row and left padding: each image restarts the pattern
     ids2 = torch.tensor([[0, 0] + [1] + [IMG] * 16 + [2]])
     mask2 = torch.tensor([[0, 0] + [1] * 18])
-    pos2 = build_position_ids(ids2, mask2, IMG, inc)[0, 2:].tolist()
-    occupied = sum(inc)
-    assert pos2[-1] == 1 + 2 * occupied
-    assert next_positions(build_position_ids(ids, torch.ones_like(ids), IMG, inc), torch.ones_like(ids)) == (
-        expected[-1] + 1
-    )
+    pos2 = build_position_ids(ids2, mask2, IMG, offsets)[0, 2:].tolist()
+    assert pos2[-1] == 1 + 2 * max(offsets)
+    assert next_positions(pos, torch.ones_like(ids)).tolist() == [expected[-1] + 1]
+    # with V2PE's delta the shared rows step by delta too: share_by_row at 1/2 -> rows at 0.5, 1, 1.5
+    half = build_position_ids(ids, torch.ones_like(ids), IMG, offsets, 0.5)[0].tolist()
+    assert half[-2:] == [1 + positions_occupied(offsets, 0.5), 2 + positions_occupied(offsets, 0.5)]
 
 
 @pytest.mark.parametrize("scheme", ["original", "share_by_row", "share_all"])
-def test_processor_increments_equal_the_models_and_reach_the_forward(scheme):
+def test_each_scheme_reaches_the_forward_and_the_processor_reports_it(scheme):
     from mm.build import build_tokenizer, build_vlm, make_processor
 
     section = tiny_model_section(visual_positions=scheme)
@@ -149,27 +148,26 @@ def test_processor_increments_equal_the_models_and_reach_the_forward(scheme):
     tok = build_tokenizer(section, CORPUS)
     model = build_vlm(section, tok).eval()
     proc = make_processor(model, tok)
-    grid = model.fusion.layout[0]
-    assert proc.tokens_per_image == grid[0] * grid[1]
+    h, w = model.fusion.layout[0]
+    assert proc.tokens_per_image == h * w
     assert (
         proc.positions_per_image
-        == {"original": grid[0] * grid[1], "share_by_row": grid[0], "share_all": 1}[scheme]
+        == model.positions_per_image
+        == {
+            "original": h * w,
+            "share_by_row": h,
+            "share_all": 1,
+        }[scheme]
     )
     conv = [
         {"from": "human", "value": "<image>\nWhat colour is the circle?"},
         {"from": "gpt", "value": "red"},
     ]
-    batch = proc.collate(
-        [proc(conv, [solid_image()]), proc(conv[:1] + [{"from": "gpt", "value": "a"}], [solid_image()])]
-    )
-    derived = model.increments_for(batch["input_ids"], batch["attention_mask"])
-    assert torch.equal(batch["position_increments"], derived)
+    other = conv[:1] + [{"from": "gpt", "value": "a"}]
+    batch = proc.collate([proc(conv, [solid_image()]), proc(other, [solid_image()])])
     with torch.no_grad():
-        supplied = model(**batch).loss
-        dropped = model(**{k: v for k, v in batch.items() if k != "position_increments"}).loss
-        # and the positions do matter: every token at its own position gives another loss (unless original)
-        plain = model(
-            **batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-        )
-    torch.testing.assert_close(supplied, dropped)
-    assert (scheme == "original") == bool(torch.allclose(plain.loss, supplied))
+        loss = model(**batch).loss
+        ids = batch["input_ids"]
+        plain = model(**batch, position_ids=torch.arange(ids.shape[1]).expand_as(ids).double())
+    # the positions do matter: every token at its own position gives another loss (unless original)
+    assert (scheme == "original") == bool(torch.allclose(plain.loss, loss))

@@ -99,7 +99,7 @@ def test_three_kinds_train_save_reload_without_their_files_and_generate_the_same
     for f in files:  # the experts' own files are gone: the VLM's safetensors hold their weights
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     reloaded, reproc = load_vlm(out)
-    assert reproc.visual_increments == proc.visual_increments
+    assert reproc.visual_offsets == proc.visual_offsets
     assert reloaded.experts["clip"].cfg.resize == "crop"  # resolved preprocessing was saved
     batch = reproc.collate(
         [reproc([CONV[0]], [solid_image((0, 200, 0))], for_generation=True)], padding_side="left"
@@ -131,14 +131,14 @@ def test_a_model_directory_from_before_the_fusion_registry_still_loads(tmp_path)
     config["projector"] = {"type": "mlp", "depth": 2, "hidden_dim": None, "pool": 2, "pos_embed": True}
     (out / "config.json").write_text(json.dumps(config))
     settings = json.loads((out / "mm_processor.json").read_text())
-    settings.pop("visual_increments")
+    settings.pop("visual_offsets"), settings.pop("delta")
     (out / "mm_processor.json").write_text(json.dumps(settings))
 
     reloaded, reproc = load_vlm(out)
     batch = proc.collate([proc(CONV, [solid_image()])])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).loss, model(**batch).loss)
-    assert reproc.visual_increments == [1.0] * proc.tokens_per_image
+    assert reproc.visual_offsets == list(range(1, proc.tokens_per_image + 1))
 
 
 def test_a_saved_multi_expert_model_loads_quietly_in_bf16_and_generates(tmp_path, capfd):
