@@ -28,6 +28,11 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
+V2PE_HELP = (
+    "V2PE: each image's visual tokens step by this (default: the model's; e.g. 0.0625 far past training)"
+)
+
+
 # -- subcommands ----------------------------------------------------------------------------------
 def cmd_data_shapesworld(args: argparse.Namespace) -> int:
     from data.boxes import BoxFormat
@@ -43,6 +48,23 @@ def cmd_data_shapesworld(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(json.dumps(info["counts"], indent=2))
+    print(Path(args.out).resolve())
+    return 0
+
+
+def cmd_data_shapesworld_multi(args: argparse.Namespace) -> int:
+    from data.shapesworld.multi import generate_multi
+
+    info = generate_multi(
+        args.out,
+        k={"train": args.train_k, "val": args.train_k, "test": args.test_k},
+        records={"train": args.train_records, "val": args.eval_records, "test": args.eval_records},
+        pool=args.pool,
+        seed=args.seed,
+        image_size=args.image_size,
+        progress=not args.quiet,
+    )
+    print(json.dumps(info["files"], indent=2))
     print(Path(args.out).resolve())
     return 0
 
@@ -71,7 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .inference import load_model
     from .report import print_metrics
 
-    model, processor = load_model(args.model, device=args.device)
+    model, processor = load_model(args.model, device=args.device, visual_delta=args.v2pe_delta)
+    if args.max_length:
+        processor.max_length = args.max_length
     metrics, rows, skips = evaluate_file(
         model,
         processor,
@@ -100,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .inference import Assistant
 
-    assistant = Assistant(args.model, device=args.device)
+    assistant = Assistant(args.model, device=args.device, visual_delta=args.v2pe_delta)
     settings = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature
     )
@@ -210,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--p-text", type=float, default=0.3)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_data_shapesworld)
+    m = dsub.add_parser(
+        "shapesworld-multi", help="long multi-image ShapesWorld: K images per conversation (V2PE's test)"
+    )
+    m.add_argument("--out", required=True)
+    m.add_argument("--train-k", type=int, nargs="+", default=[1, 2, 4, 8], help="K per training record")
+    m.add_argument(
+        "--test-k", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="a test file per K"
+    )
+    m.add_argument("--train-records", type=int, default=20000)
+    m.add_argument("--eval-records", type=int, default=500, help="records per val / test file")
+    m.add_argument("--pool", type=int, default=2000, help="rendered scenes per split that records draw from")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--image-size", type=int, default=96)
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_data_shapesworld_multi)
 
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML config (see configs/)")
@@ -245,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="only the first N records of the file")
     e.add_argument("--blind", action="store_true", help="blank the images")
     e.add_argument("--device", default=None)
+    e.add_argument("--v2pe-delta", type=float, default=None, help=V2PE_HELP)
+    e.add_argument(
+        "--max-length", type=int, default=None, help="longest prompt (default: the training max_length)"
+    )
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -254,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--device", default=None)
+    c.add_argument("--v2pe-delta", type=float, default=None, help=V2PE_HELP)
     c.add_argument("question", nargs="*")
     c.set_defaults(func=cmd_chat)
     return p

@@ -33,14 +33,31 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def set_visual_delta(model: VLM, processor: VLMProcessor, delta: float) -> None:
+    """Place every image at V2PE step ``delta`` from now on (e.g. 1/16 for contexts far past training)."""
+    if not 0 < delta <= 1:
+        raise ValueError(f"V2PE delta must be in (0, 1], got {delta}")
+    if delta != 1 and getattr(model, "_learned_positions", False):
+        raise ValueError(f"{type(model.llm).__name__} has learned absolute positions: V2PE delta must be 1")
+    model.config.visual_delta = float(delta)
+    processor.delta = float(delta)
+
+
 def load_model(
-    model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+    model_dir: str | Path,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    visual_delta: float | None = None,
 ) -> tuple[VLM, VLMProcessor]:
-    """A model directory on the requested (or best) device; bf16 on CUDA unless ``dtype`` says otherwise."""
+    """A model directory on the requested (or best) device; bf16 on CUDA unless ``dtype`` says otherwise;
+    ``visual_delta`` overrides the V2PE step the model was saved with."""
     device_ = pick_device(device)
     if dtype is None and device_.type == "cuda":
         dtype = torch.bfloat16
-    return load_vlm(model_dir, device=device_, dtype=dtype)
+    model, processor = load_vlm(model_dir, device=device_, dtype=dtype)
+    if visual_delta is not None:
+        set_visual_delta(model, processor, visual_delta)
+    return model, processor
 
 
 @dataclass
@@ -105,8 +122,14 @@ def generate_batch(
 class Assistant:
     """A loaded VLM plus one running conversation."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
-        self.model, self.processor = load_model(model_dir, device, dtype)
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        visual_delta: float | None = None,
+    ):
+        self.model, self.processor = load_model(model_dir, device, dtype, visual_delta)
         self.device = next(self.model.parameters()).device
         self.reset()
 

@@ -1,0 +1,236 @@
+"""V2PE against plain positions on long multi-image ShapesWorld: accuracy vs the number of images K, far past
+the trained window. Two models on the same data, steps and seed: ``plain`` (delta 1) and ``v2pe`` (each
+training image draws delta from {1, 1/2, ..., 1/256}); each is evaluated at every K and delta.
+
+    python bench/v2pe_length.py --out v2pe --steps 3000 --json v2pe.json --plot v2pe.png
+    python bench/v2pe_length.py --out v2pe --steps 5 --pool 64 --train-records 200 --eval-records 8   # smoke
+
+Training sees K <= 8 images (36 visual tokens each, ~400 positions); evaluation goes to K = 64 (~2500
+positions at delta 1). Trainings run as two concurrent processes, evaluations ``--parallel`` at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+TRAIN_K = [1, 2, 4, 8]
+TEST_K = [1, 2, 4, 8, 16, 32, 64]
+DELTAS = [1.0, 0.25, 0.0625, 0.015625]
+MODEL = {
+    "llm": {
+        "family": "llama",
+        "hidden_size": 192,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "intermediate_size": 576,
+    },
+    "tokenizer": {"vocab_size": 1024},
+    "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
+    "projector": {"type": "concat", "depth": 2, "pool": 2, "pos_embed": True},
+}
+
+
+def train_one(args: argparse.Namespace) -> None:
+    """Child: train ``plain`` or ``v2pe`` on the multi-image training file."""
+    from mm.config import config_from_dict
+    from mm.train import train
+
+    data = args.out / "data"
+    spec = {
+        "model": {**json.loads(json.dumps(MODEL)), "v2pe": args.train == "v2pe"},
+        "data": {
+            "train": str(data / "multi_train.json"),
+            "val": str(data / "multi_val_k8.json"),
+            "max_length": 1024,
+            "cache_pixels": False,
+        },
+        "train": {
+            "output_dir": str(args.out / "runs" / args.train),
+            "stage": "sft",
+            "train_experts": True,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "warmup_steps": 50,
+            "max_steps": args.steps,
+            "eval_every": args.steps,
+            "save_every": args.steps,
+            "seed": args.seed,
+            "threads": 2,
+        },
+    }
+    train(config_from_dict(spec), overwrite=True, progress=False)
+
+
+def eval_one(args: argparse.Namespace) -> None:
+    """Child: one model at one delta on every test K; writes results/<model>_d<delta>.json."""
+    from mm.evaluate import evaluate_file
+    from mm.inference import load_model
+
+    model, processor = load_model(args.out / "runs" / args.model / "model", visual_delta=args.delta)
+    processor.max_length = None  # the point is to go past the trained length
+    rows = {}
+    for k in TEST_K:
+        metrics, _, _ = evaluate_file(
+            model, processor, args.out / "data" / f"multi_test_k{k}.json", batch_size=16, progress=False
+        )
+        rows[k] = {
+            "accuracy": metrics.get("multi_exact_match"),
+            "by_type": metrics.get("multi_by_type", {}),
+            "positions": int(k * processor.positions_per_image),
+        }
+    path = args.out / "results" / f"{args.model}_d{args.delta:g}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": args.model, "delta": args.delta, "by_k": rows}, indent=2))
+
+
+def run_all(jobs: list[list[str]], parallel: int, logs: Path) -> list[int]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, codes = list(enumerate(jobs)), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, cmd = pending.pop(0)
+            log = open(logs / f"job{i}.log", "w")
+            running.append(
+                (
+                    i,
+                    subprocess.Popen(
+                        [sys.executable, __file__, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT
+                    ),
+                )
+            )
+        time.sleep(2)
+        for item in list(running):
+            i, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                codes[i] = proc.returncode
+                print(f"  {' '.join(jobs[i])}: exit {proc.returncode}", flush=True)
+    return [codes[i] for i in range(len(jobs))]
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, name in zip(axes, ("plain", "v2pe")):
+        for r in sorted((r for r in results if r["model"] == name), key=lambda r: -r["delta"]):
+            ks = sorted(int(k) for k in r["by_k"])
+            ax.plot(
+                ks,
+                [r["by_k"][str(k)]["accuracy"] for k in ks],
+                marker="o",
+                label=f"eval delta {r['delta']:g}",
+            )
+        ax.axvline(8, color="grey", ls=":", lw=1)
+        ax.text(8, 0.02, f" trained K <= 8 (~{window} positions)", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("images per conversation (K)")
+        ax.set_title(f"trained with {'random V2PE delta' if name == 'v2pe' else 'delta 1'}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("exact match")
+    axes[0].set_ylim(0, 1)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("v2pe_length"))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=2000)
+    ap.add_argument("--train-records", type=int, default=40000)
+    ap.add_argument("--eval-records", type=int, default=200)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--train", choices=("plain", "v2pe"), help=argparse.SUPPRESS)  # child processes
+    ap.add_argument("--model", choices=("plain", "v2pe"), help=argparse.SUPPRESS)
+    ap.add_argument("--delta", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.train:
+        return train_one(args)
+    if args.model:
+        return eval_one(args)
+
+    import torch
+
+    from data.shapesworld.multi import generate_multi
+
+    t0 = time.perf_counter()
+    generate_multi(
+        args.out / "data",
+        k={"train": TRAIN_K, "val": [8], "test": TEST_K},
+        records={"train": args.train_records, "val": 64, "test": args.eval_records},
+        pool=args.pool,
+        seed=args.seed,
+        progress=False,
+    )
+    print(f"data in {time.perf_counter() - t0:.0f} s", flush=True)
+    common = ["--out", str(args.out), "--steps", str(args.steps), "--seed", str(args.seed)]
+    t1 = time.perf_counter()
+    codes = run_all([["--train", m, *common] for m in ("plain", "v2pe")], 2, args.out / "logs")
+    train_minutes = (time.perf_counter() - t1) / 60
+    evals = [
+        ["--model", m, "--delta", str(d), *common]
+        for m in ("plain", "v2pe")
+        if codes[m == "v2pe"] == 0
+        for d in DELTAS
+    ]
+    run_all(evals, args.parallel, args.out / "logs")
+    results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
+    window = next((r["by_k"]["8"]["positions"] for r in results if r["delta"] == 1.0), 0)
+    print(f"{'model':6} {'delta':>8} " + " ".join(f"{'K=' + str(k):>6}" for k in TEST_K))
+    for r in results:
+        print(
+            f"{r['model']:6} {r['delta']:8.4g} "
+            + " ".join(f"{r['by_k'][str(k)]['accuracy']:6.3f}" for k in TEST_K)
+        )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "settings": {
+            **{
+                k: v
+                for k, v in vars(args).items()
+                if k in ("steps", "seed", "pool", "train_records", "eval_records")
+            },
+            "train_k": TRAIN_K,
+            "test_k": TEST_K,
+            "deltas": DELTAS,
+        },
+        "train_minutes": round(train_minutes, 2),
+        "window_positions_k8": window,
+        "results": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    if args.plot and results:
+        plot(
+            results,
+            args.plot,
+            f"Long multi-image ShapesWorld, {args.steps} steps, seed {args.seed}, {device}",
+            window,
+        )
+
+
+if __name__ == "__main__":
+    main()

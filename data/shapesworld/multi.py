@@ -1,0 +1,181 @@
+"""Long multi-image ShapesWorld: conversations holding K images, questions that need one image or all of them.
+
+Each split has a pool of rendered scenes (``images/<split>/multi_NNNNNN.png``); a record shows K of them as
+``Image 1: <image>`` ... ``Image K: <image>`` and asks one of:
+- ``lookup``: "In image 7, what colour is the star?" (one image, found by its number);
+- ``find_text``: "Which image shows the word 'bird'?" (exactly one of the K shows it);
+- ``count_images``: "How many images contain a red circle?" (every image matters);
+- ``needle``: "Which image contains a purple heart?" (one needle among K - 1 distractors without one).
+Answers are a word or a number, scored by exact match (``meta.task`` = ``multi``, broken down by
+``meta.multi_type``). Record ``index`` of split ``s`` with K images is drawn from an RNG seeded by
+``(seed, s, K, index)`` only: deterministic, and independent of the other settings' sizes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from data.schema import IMAGE_TOKEN, save_llava_json, write_bytes_atomic, write_json_atomic
+
+from .generate import png_bytes
+from .scene import COLOURS, SHAPES, Scene, sample_scene
+from .tasks import COLOUR_QUESTIONS, SHAPE_QUESTIONS, _attribute_question
+
+MULTI_TYPES = ("lookup", "find_text", "count_images", "needle")
+MULTI_INFO_FILE = "shapesworld_multi.json"
+
+
+def pool_scene(seed: int, split: str, index: int, image_size: int) -> Scene:
+    """Scene ``index`` of a split's multi-image pool (text more often: find_text needs words)."""
+    return sample_scene(
+        random.Random(f"shapesworld-multi/{seed}/{split}/pool/{index}"), image_size, p_text=0.5
+    )
+
+
+def _has(scene: Scene, colour: str, shape: str) -> bool:
+    return any(o.colour == colour and o.shape == shape for o in scene.objects)
+
+
+def _lookup(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str] | None:
+    i = rng.randrange(len(scenes))
+    asked = rng.choice(("colour", "shape"))
+    task = _attribute_question(
+        scenes[i], rng, asked, COLOUR_QUESTIONS if asked == "colour" else SHAPE_QUESTIONS
+    )
+    if task is None:
+        return None
+    question = task["question"][0].lower() + task["question"][1:]
+    return f"In image {i + 1}, {question}", task["answer"]
+
+
+def _find_text(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str] | None:
+    words = [s.text for s in scenes]
+    unique = [i for i, w in enumerate(words) if w and not w.isdigit() and words.count(w) == 1]
+    if not unique:
+        return None
+    i = rng.choice(unique)
+    return f"Which image shows the word '{words[i]}'?", str(i + 1)
+
+
+def _count_images(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str]:
+    present = sorted({(o.colour, o.shape) for s in scenes for o in s.objects})
+    colour, shape = (
+        rng.choice(present)
+        if present and rng.random() < 0.8
+        else (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    )
+    count = sum(_has(s, colour, shape) for s in scenes)
+    return f"How many images contain a {colour} {shape}?", str(count)
+
+
+def _needle(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str] | None:
+    kinds = {}
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            kinds.setdefault((o.colour, o.shape), set()).add(i)
+    needles = [(kind, next(iter(where))) for kind, where in kinds.items() if len(where) == 1]
+    if not needles:
+        return None
+    (colour, shape), i = rng.choice(sorted(needles))
+    return f"Which image contains a {colour} {shape}?", str(i + 1)
+
+
+ASK = {"lookup": _lookup, "find_text": _find_text, "count_images": _count_images, "needle": _needle}
+
+
+def multi_record(
+    seed: int, split: str, k: int, index: int, pool: Sequence[Scene], paths: Sequence[str], turns: int = 1
+) -> dict:
+    """Record ``index`` with ``k`` images of the pool and ``turns`` questions (types in rotation)."""
+    rng = random.Random(f"shapesworld-multi/{seed}/{split}/k{k}/{index}")
+    chosen = rng.sample(range(len(pool)), k)
+    scenes = [pool[c] for c in chosen]
+    header = "\n".join(f"Image {n + 1}: {IMAGE_TOKEN}" for n in range(k))
+    conversations, types = [], []
+    start = rng.randrange(len(MULTI_TYPES))
+    for attempt in range(4 * len(MULTI_TYPES)):
+        if len(types) == turns:
+            break
+        kind = MULTI_TYPES[(start + attempt) % len(MULTI_TYPES)]
+        asked = ASK[kind](scenes, rng)
+        if asked is None:
+            continue
+        question, answer = asked
+        text = f"{header}\n{question}" if not conversations else question
+        conversations += [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
+        types.append(kind)
+    meta = {
+        "task": "multi",
+        "multi_type": types[0],
+        "k": k,
+        "types": types,
+        "answer": conversations[1]["value"],
+    }
+    return {
+        "id": f"{split}-k{k}-{index:06d}",
+        "image": [paths[c] for c in chosen],
+        "conversations": conversations,
+        "meta": meta,
+    }
+
+
+def generate_multi(
+    out_dir: str | Path,
+    *,
+    k: dict[str, Sequence[int]],
+    records: dict[str, int],
+    pool: int = 512,
+    seed: int = 0,
+    image_size: int = 96,
+    train_turns: int = 3,
+    progress: bool = True,
+) -> dict:
+    """Write the pools, ``multi_<split>.json`` for the train split (K drawn per record from ``k['train']``)
+    and ``multi_<split>_k<K>.json`` per K for the others; returns (and writes) ``shapesworld_multi.json``."""
+    out_dir = Path(out_dir)
+    for split, ks in k.items():
+        if min(ks) < 1 or max(ks) > pool:
+            raise ValueError(f"k[{split!r}]: every K must be in 1..pool ({pool}), got {list(ks)}")
+    files: dict[str, dict[str, int]] = {}
+    total = len(k) * pool + sum(records[s] * (1 if s == "train" else len(k[s])) for s in k)
+    with tqdm(total=total, disable=not progress, desc="ShapesWorld multi", unit="item") as bar:
+        for split, ks in k.items():
+            scenes, paths = [], []
+            for i in range(pool):
+                scene = pool_scene(seed, split, i, image_size)
+                path = f"images/{split}/multi_{i:06d}.png"
+                write_bytes_atomic(out_dir / path, png_bytes(scene.render()))
+                scenes.append(scene)
+                paths.append(path)
+                bar.update()
+            if split == "train":
+                rng = random.Random(f"shapesworld-multi/{seed}/train/ks")
+                rows = [
+                    multi_record(seed, split, rng.choice(list(ks)), i, scenes, paths, turns=train_turns)
+                    for i in range(records[split])
+                ]
+                bar.update(len(rows))
+                save_llava_json(out_dir / "multi_train.json", rows)
+                files["multi_train.json"] = len(rows)
+                continue
+            for kk in ks:
+                rows = [multi_record(seed, split, kk, i, scenes, paths) for i in range(records[split])]
+                bar.update(len(rows))
+                name = f"multi_{split}_k{kk}.json"
+                save_llava_json(out_dir / name, rows)
+                files[name] = len(rows)
+    info = {
+        "dataset": "shapesworld_multi",
+        "seed": seed,
+        "image_size": image_size,
+        "pool": pool,
+        "k": {s: list(v) for s, v in k.items()},
+        "records": records,
+        "files": files,
+    }
+    write_json_atomic(out_dir / MULTI_INFO_FILE, info)
+    return info
