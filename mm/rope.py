@@ -19,13 +19,39 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def rotary_modules(llm: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The LLM's rotary-embedding modules (name, module): none for learned absolute positions (GPT-2, OPT)."""
-    return [
-        (name, m)
-        for name, m in llm.named_modules()
-        if (type(m).__name__.endswith("RotaryEmbedding") or isinstance(m, PreciseRotary))
-        and hasattr(m, "inv_freq")
-    ]
+    """The LLM's rotary-embedding modules (name, module): none for learned absolute positions (GPT-2, OPT).
+    A wrapped module is listed once, as its ``PreciseRotary``."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in llm.named_modules():
+        inside_wrapper = any(name.startswith(w + ".") for w, mod in found if isinstance(mod, PreciseRotary))
+        if inside_wrapper:
+            continue
+        if isinstance(m, PreciseRotary) or (
+            type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")
+        ):
+            found.append((name, m))
+    return found
+
+
+def _frequencies(inner: nn.Module) -> tuple[torch.Tensor, float]:
+    """The module's inverse frequencies recomputed from its config (float64, CPU), and its attention scaling.
+
+    Recomputed rather than copied: a model cast to bf16 (``.to(bfloat16)``, DeepSpeed) casts the ``inv_freq``
+    buffer too, and a bf16 inverse frequency is exactly the precision loss this module exists to avoid.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = getattr(inner, "rope_type", "default")
+    try:
+        init = (
+            inner.compute_default_rope_parameters
+            if rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rope_type]
+        )
+        inv_freq, scaling = init(inner.config)
+    except (AttributeError, KeyError, TypeError):  # a family without HF's init helpers: its own fp32 copy
+        inv_freq, scaling = inner.original_inv_freq, getattr(inner, "attention_scaling", 1.0)
+    return inv_freq.detach().to("cpu", torch.float64), float(scaling)
 
 
 class PreciseRotary(nn.Module):
@@ -34,19 +60,26 @@ class PreciseRotary(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self._table: dict[torch.device, torch.Tensor] = {}  # float64 inverse frequencies per device
+        self._scaling: float | None = None
 
     @property
     def inv_freq(self) -> torch.Tensor:
         return self.inner.inv_freq
 
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._table:
+            freqs, self._scaling = _frequencies(self.inner)
+            self._table[device] = freqs.to(device)
+        return self._table[device]
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids.dtype != torch.float64:
             return self.inner(x, position_ids)
-        inv_freq = self.inner.inv_freq.to(device=x.device, dtype=torch.float64)
+        inv_freq = self._inv_freq(x.device)
         angles = torch.remainder(position_ids[..., None] * inv_freq, 2 * math.pi)
         emb = torch.cat((angles, angles), dim=-1)
-        scale = getattr(self.inner, "attention_scaling", 1.0)
-        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+        return (emb.cos() * self._scaling).to(x.dtype), (emb.sin() * self._scaling).to(x.dtype)
 
 
 def install_precise_rotary(llm: nn.Module) -> int:

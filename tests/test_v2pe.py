@@ -88,6 +88,11 @@ def test_precise_rotary_keeps_the_fraction_above_100k_against_a_float64_referenc
     assert lost.max() > 2e-3
     # fp32 positions (a plain model) take the wrapped module's own path, bit for bit
     assert torch.equal(wrapped(x, pos.float())[0], module(x, pos.float())[0])
+    # a model cast to bf16 casts inv_freq too; the precise rotary recomputes its frequencies from the config
+    llm.to(torch.bfloat16)
+    assert module.inv_freq.dtype == torch.bfloat16
+    cos16, _ = dict(rotary_modules(llm))[name](x.to(torch.bfloat16), pos)
+    torch.testing.assert_close(cos16.double(), ref_cos, atol=8e-3, rtol=0)  # only the bf16 output rounding
 
 
 def vlm(family: str = "llama", **changes):
