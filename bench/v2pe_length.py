@@ -48,7 +48,7 @@ def train_one(args: argparse.Namespace) -> None:
 
     data = args.out / "data"
     spec = {
-        "model": {**json.loads(json.dumps(MODEL)), "v2pe": args.train == "v2pe"},
+        "model": {**json.loads(json.dumps(MODEL)), "v2pe": args.train == "v2pe", "init_from": args.init_from},
         "data": {
             "train": str(data / "multi_train.json"),
             "val": str(data / "multi_val_k8.json"),
@@ -158,6 +158,9 @@ def main() -> None:
     ap.add_argument("--train-records", type=int, default=40000)
     ap.add_argument("--eval-records", type=int, default=200)
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument(
+        "--init-from", default=None, help="a model directory both arms start from (e.g. a quickstart)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--train", choices=("plain", "v2pe"), help=argparse.SUPPRESS)  # child processes
@@ -184,6 +187,7 @@ def main() -> None:
     )
     print(f"data in {time.perf_counter() - t0:.0f} s", flush=True)
     common = ["--out", str(args.out), "--steps", str(args.steps), "--seed", str(args.seed)]
+    common += ["--init-from", args.init_from] if args.init_from else []
     t1 = time.perf_counter()
     codes = run_all([["--train", m, *common] for m in ("plain", "v2pe")], 2, args.out / "logs")
     train_minutes = (time.perf_counter() - t1) / 60

@@ -119,10 +119,17 @@ class VLM(PreTrainedModel):
                 "integer positions only; V2PE (visual_delta != 1 or v2pe) needs a RoPE LLM (Llama, Qwen2...)"
             )
         if config.v2pe:
-            install_precise_rotary(self.llm)
+            self.enable_v2pe()
         # A training knob (train.loss_weighting), set by the trainer; not part of the saved model.
         self.loss_weighting = "token"
         self.post_init()
+
+    def enable_v2pe(self) -> None:
+        """Turn V2PE on (also for a model trained without it: fine-tune a plain model with V2PE)."""
+        if self._learned_positions:
+            raise ValueError(f"model.llm: {type(self.llm).__name__} has learned absolute positions: no V2PE")
+        install_precise_rotary(self.llm)
+        self.config.v2pe = True
 
     # -- HF plumbing ---------------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:

@@ -165,6 +165,8 @@ class Trainer:
                 raise CheckpointError(f"{err}; {self.checkpoints.previous_hint(start)}") from err
         elif cfg.model.init_from:
             model, processor = load_vlm(cfg.model.init_from)
+            if cfg.model.v2pe and not model.config.v2pe:  # fine-tune a plain model with V2PE
+                model.enable_v2pe()
         else:
             tokenizer = build_tokenizer(cfg.model, _corpus(self.train_file.records))
             model = build_vlm(cfg.model, tokenizer)

@@ -113,3 +113,26 @@ def test_cli_generates_trains_with_v2pe_and_evaluates_at_another_delta(multi, tm
     assert metrics["counts"]["multi"] == RECORDS["test"]
     bad = mm("eval", "--model", str(model_dir), "--data", test_file, "--v2pe-delta", "2", "--quiet")
     assert bad.returncode == 2 and "V2PE delta must be in (0, 1], got 2.0" in bad.stderr
+
+
+def test_a_plain_model_fine_tunes_with_v2pe(multi, tmp_path):
+    from mm.build import load_vlm
+    from mm.rope import PreciseRotary, rotary_modules
+
+    def train(out: Path, **model_keys) -> Path:
+        config = {
+            "model": {**tiny_run_model(), **model_keys},
+            "data": {"train": str(multi / "multi_train.json"), "max_length": 1024},
+            "train": {"output_dir": str(out), "max_steps": 1, "batch_size": 4, "warmup_steps": 1},
+        }
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(config))
+        result = mm("train", str(path), "--quiet")
+        assert result.returncode == 0, result.stderr[-2000:]
+        return out / "model"
+
+    plain = train(tmp_path / "plain")
+    assert json.loads((plain / "config.json").read_text())["v2pe"] is False
+    tuned = train(tmp_path / "tuned", init_from=str(plain), v2pe=True)
+    model, _ = load_vlm(tuned)
+    assert model.config.v2pe and all(isinstance(m, PreciseRotary) for _, m in rotary_modules(model.llm))
