@@ -21,6 +21,8 @@ from data.boxes import BoxFormat
 from projectors import ProjectorConfig
 from vision.experts import ExpertConfig
 
+from .positions import V2PE_DELTAS
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message starts with the key's full path."""
@@ -109,7 +111,7 @@ class DataConfig:
     num_workers: int = 0
     val_max_records: int = 256
     # the deltas V2PE training draws from, one per image (the paper's {1, 1/2, ..., 1/256}); model.v2pe only
-    v2pe_deltas: list[float] = field(default_factory=lambda: [2.0**-k for k in range(9)])
+    v2pe_deltas: list[float] = field(default_factory=lambda: list(V2PE_DELTAS))
 
 
 @dataclass
