@@ -73,7 +73,8 @@ class HFExpert(VisualExpert):
     def build(self, cfg: ExpertConfig, load_weights: bool) -> dict[str, Any]:
         from transformers import AutoConfig, AutoModel
 
-        if not load_weights and cfg.tower_config is not None:  # a saved VLM: its safetensors hold the weights
+        from_files = load_weights or cfg.tower_config is None  # else a saved VLM: its safetensors hold them
+        if not from_files:
             spec = dict(cfg.tower_config)
             vision = AutoConfig.for_model(spec.pop("model_type"), **spec)
             defaults: dict[str, Any] = {}
@@ -90,7 +91,7 @@ class HFExpert(VisualExpert):
         num_layers = int(vision.num_hidden_layers)
         index = -2 if cfg.feature_index is None else cfg.feature_index
         layer = index % (num_layers + 1)  # hidden_states[0] is the embeddings, [i] the output of layer i
-        if defaults:  # built from the directory
+        if from_files:
             hf_logger = logging.getLogger("transformers")
             level = hf_logger.level
             hf_logger.setLevel(logging.ERROR)  # a two-tower directory's text weights are expected leftovers
@@ -121,8 +122,8 @@ class HFExpert(VisualExpert):
         ):  # the VLM's dtype decides, not the file's
             tower.pop(key, None)
         self._layer = layer
-        if defaults:
-            defaults.update(tower_config=tower)
+        if from_files:
+            defaults["tower_config"] = tower
         return {**defaults, "feature_index": index}
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
