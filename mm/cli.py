@@ -62,6 +62,7 @@ def cmd_data_shapesworld_multi(args: argparse.Namespace) -> int:
         pool=args.pool,
         seed=args.seed,
         image_size=args.image_size,
+        types=args.types,
         progress=not args.quiet,
     )
     print(json.dumps(info["files"], indent=2))
@@ -247,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pool", type=int, default=2000, help="rendered scenes per split that records draw from")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--image-size", type=int, default=96)
+    m.add_argument(
+        "--types",
+        nargs="+",
+        default=["lookup", "find_text", "count_images", "needle", "retrieve"],
+        help="question types asked (default: all)",
+    )
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_data_shapesworld_multi)
 

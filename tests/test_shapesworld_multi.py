@@ -12,6 +12,7 @@ from conftest import mm, tiny_run_model
 
 from data.schema import load_record_file
 from data.shapesworld.multi import MULTI_TYPES, generate_multi, pool_scene
+from data.shapesworld.scene import SHAPES
 
 KS = {"train": [1, 2, 4], "val": [2], "test": [1, 3, 6]}
 RECORDS = {"train": 24, "val": 4, "test": 30}
@@ -57,6 +58,11 @@ def test_every_answer_follows_from_the_scenes(multi):
                 colour, shape = ask.removeprefix("Which image contains a ").rstrip("?").split()
                 has = [any(o.colour == colour and o.shape == shape for o in s.objects) for s in scenes]
                 assert has.count(True) == 1 and answer == str(has.index(True) + 1)
+            elif kind == "retrieve":
+                shape = ask.removeprefix("One image shows a ").split(".")[0]
+                objects = [o for s in scenes for o in s.objects if o.shape == shape]
+                assert len(objects) == 1 and answer == objects[0].colour
+                assert ask == f"One image shows a {shape}. What colour is it?"
             elif kind == "find_text":
                 word = ask.split("'")[1]
                 texts = [s.text for s in scenes]
@@ -66,10 +72,28 @@ def test_every_answer_follows_from_the_scenes(multi):
                 objects = scenes[number - 1].objects
                 assert answer in {o.colour for o in objects} | {o.shape for o in objects}
     assert seen == set(MULTI_TYPES)
+    # every record plants a retrieval needle: one scene with a single object of a shape the others lack
+    for rec in load_record_file(multi / "multi_test_k6.json").records:
+        scenes = [pool_scene(0, "test", int(Path(p).stem.split("_")[1]), 96) for p in rec["image"]]
+        counts = [[sum(o.shape == shape for o in s.objects) for s in scenes] for shape in SHAPES]
+        assert any(sorted(c) == [0] * 5 + [1] for c in counts)
     train = json.loads((multi / "multi_train.json").read_text())
     assert {r["meta"]["k"] for r in train} == set(KS["train"]) and all(
         len(r["conversations"]) >= 2 for r in train
     )
+
+
+def test_a_subset_of_types(tmp_path):
+    info = generate_multi(
+        tmp_path, k={"test": [4]}, records={"test": 12}, pool=24, types=["retrieve"], progress=False
+    )
+    assert info["types"] == ["retrieve"]
+    records = load_record_file(tmp_path / "multi_test_k4.json").records
+    assert {r["meta"]["multi_type"] for r in records} == {"retrieve"}
+    with pytest.raises(ValueError, match=r"types: choose from \['lookup'.*got \['colour'\]"):
+        generate_multi(tmp_path, k={"test": [4]}, records={"test": 1}, pool=24, types=["colour"])
+    with pytest.raises(ValueError, match="no retrieve question fits record 0 of test .K = 24.; a pool of 24"):
+        generate_multi(tmp_path, k={"test": [24]}, records={"test": 4}, pool=24, types=["retrieve"])
 
 
 def test_cli_generates_trains_with_v2pe_and_evaluates_at_another_delta(multi, tmp_path):

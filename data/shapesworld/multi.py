@@ -5,7 +5,10 @@ Each split has a pool of rendered scenes (``images/<split>/multi_NNNNNN.png``); 
 - ``lookup``: "In image 7, what colour is the star?" (one image, found by its number);
 - ``find_text``: "Which image shows the word 'bird'?" (exactly one of the K shows it);
 - ``count_images``: "How many images contain a red circle?" (every image matters);
-- ``needle``: "Which image contains a purple heart?" (one needle among K - 1 distractors without one).
+- ``needle``: "Which image contains a purple heart?" (one needle among K - 1 distractors without one);
+- ``retrieve``: "One image shows a heart. What colour is it?" (MM-NIAH-style retrieval: the answer is a colour
+  whatever K is, so accuracy far past the trained window measures the positions, not unseen numbers; every
+  record plants one image with a single object of a shape the other K - 1 images lack).
 Answers are a word or a number, scored by exact match (``meta.task`` = ``multi``, broken down by
 ``meta.multi_type``). Record ``index`` of split ``s`` with K images is drawn from an RNG seeded by
 ``(seed, s, K, index)`` only: deterministic, and independent of the other settings' sizes.
@@ -25,7 +28,10 @@ from .generate import png_bytes
 from .scene import COLOURS, SHAPES, Scene, sample_scene
 from .tasks import COLOUR_QUESTIONS, SHAPE_QUESTIONS, _attribute_question
 
-MULTI_TYPES = ("lookup", "find_text", "count_images", "needle")
+MULTI_TYPES = ("lookup", "find_text", "count_images", "needle", "retrieve")
+# the types whose answers do not depend on K (a colour): trained with K <= 8 and asked with K = 64, an
+# index answer ("37") or a count past 8 was never seen, a colour was
+K_INVARIANT_TYPES = ("retrieve",)
 MULTI_INFO_FILE = "shapesworld_multi.json"
 
 
@@ -84,35 +90,94 @@ def _needle(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str] | No
     return f"Which image contains a {colour} {shape}?", str(i + 1)
 
 
-ASK = {"lookup": _lookup, "find_text": _find_text, "count_images": _count_images, "needle": _needle}
+def _retrieve(scenes: Sequence[Scene], rng: random.Random) -> tuple[str, str] | None:
+    where: dict[str, list] = {}
+    for s in scenes:
+        for o in s.objects:
+            where.setdefault(o.shape, []).append(o)
+    unique = sorted(shape for shape, objects in where.items() if len(objects) == 1)
+    if not unique:
+        return None
+    shape = rng.choice(unique)
+    return f"One image shows a {shape}. What colour is it?", where[shape][0].colour
+
+
+ASK = {
+    "lookup": _lookup,
+    "find_text": _find_text,
+    "count_images": _count_images,
+    "needle": _needle,
+    "retrieve": _retrieve,
+}
+
+
+def pool_by_shape(pool: Sequence[Scene]) -> dict[str, tuple[list[int], list[int]]]:
+    """Per shape: the pool scenes holding exactly one object of it, and those holding none."""
+    out = {}
+    for shape in SHAPES:
+        counts = [sum(o.shape == shape for o in s.objects) for s in pool]
+        out[shape] = (
+            [i for i, c in enumerate(counts) if c == 1],
+            [i for i, c in enumerate(counts) if c == 0],
+        )
+    return out
+
+
+def _choose_scenes(
+    rng: random.Random, k: int, pool: Sequence[Scene], by_shape: dict[str, tuple[list[int], list[int]]]
+) -> list[int]:
+    """K pool scenes, one of them (at a uniform place) the only one with its single object of a shape;
+    a plain sample where the pool is too small for that."""
+    shape = rng.choice(SHAPES)
+    single, without = by_shape[shape]
+    if not single or len(without) < k - 1:
+        return rng.sample(range(len(pool)), k)
+    chosen = rng.sample(without, k - 1)
+    chosen.insert(rng.randrange(k), rng.choice(single))
+    return chosen
 
 
 def multi_record(
-    seed: int, split: str, k: int, index: int, pool: Sequence[Scene], paths: Sequence[str], turns: int = 1
+    seed: int,
+    split: str,
+    k: int,
+    index: int,
+    pool: Sequence[Scene],
+    paths: Sequence[str],
+    turns: int = 1,
+    by_shape: dict[str, tuple[list[int], list[int]]] | None = None,
+    types: Sequence[str] = MULTI_TYPES,
 ) -> dict:
-    """Record ``index`` with ``k`` images of the pool and ``turns`` questions (types in rotation)."""
+    """Record ``index`` with ``k`` images of the pool and ``turns`` questions (``types`` in rotation);
+    ``by_shape`` is ``pool_by_shape(pool)``, computed here when not given."""
     rng = random.Random(f"shapesworld-multi/{seed}/{split}/k{k}/{index}")
-    chosen = rng.sample(range(len(pool)), k)
+    chosen = _choose_scenes(rng, k, pool, by_shape if by_shape is not None else pool_by_shape(pool))
     scenes = [pool[c] for c in chosen]
     header = "\n".join(f"Image {n + 1}: {IMAGE_TOKEN}" for n in range(k))
-    conversations, types = [], []
-    start = rng.randrange(len(MULTI_TYPES))
-    for attempt in range(4 * len(MULTI_TYPES)):
-        if len(types) == turns:
+    conversations: list[dict] = []
+    start = rng.randrange(len(types))
+    asked_types: list[str] = []
+    for attempt in range(4 * len(types)):
+        if len(asked_types) == turns:
             break
-        kind = MULTI_TYPES[(start + attempt) % len(MULTI_TYPES)]
+        kind = types[(start + attempt) % len(types)]
         asked = ASK[kind](scenes, rng)
         if asked is None:
             continue
         question, answer = asked
         text = f"{header}\n{question}" if not conversations else question
         conversations += [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
-        types.append(kind)
+        asked_types.append(kind)
+    if not asked_types:
+        raise ValueError(
+            f"shapesworld-multi: no {'/'.join(types)} question fits record {index} of {split} (K = {k}); "
+            f"a pool of {len(pool)} scenes is too small to plant one: raise the pool"
+        )
     meta = {
         "task": "multi",
-        "multi_type": types[0],
+        "multi_type": asked_types[0],
         "k": k,
-        "types": types,
+        "types": asked_types,
         "answer": conversations[1]["value"],
     }
     return {
@@ -132,11 +197,16 @@ def generate_multi(
     seed: int = 0,
     image_size: int = 96,
     train_turns: int = 3,
+    types: Sequence[str] = MULTI_TYPES,
     progress: bool = True,
 ) -> dict:
     """Write the pools, ``multi_<split>.json`` for the train split (K drawn per record from ``k['train']``)
-    and ``multi_<split>_k<K>.json`` per K for the others; returns (and writes) ``shapesworld_multi.json``."""
+    and ``multi_<split>_k<K>.json`` per K for the others, asking ``types`` (a subset of ``MULTI_TYPES``);
+    returns (and writes) ``shapesworld_multi.json``."""
     out_dir = Path(out_dir)
+    unknown = sorted(set(types) - set(MULTI_TYPES))
+    if unknown or not types:
+        raise ValueError(f"types: choose from {list(MULTI_TYPES)}, got {list(types)}")
     for split, ks in k.items():
         if min(ks) < 1 or max(ks) > pool:
             raise ValueError(f"k[{split!r}]: every K must be in 1..pool ({pool}), got {list(ks)}")
@@ -152,10 +222,11 @@ def generate_multi(
                 scenes.append(scene)
                 paths.append(path)
                 bar.update()
+            by_shape = pool_by_shape(scenes)
             if split == "train":
                 rng = random.Random(f"shapesworld-multi/{seed}/train/ks")
                 rows = [
-                    multi_record(seed, split, rng.choice(list(ks)), i, scenes, paths, turns=train_turns)
+                    multi_record(seed, split, rng.choice(list(ks)), i, scenes, paths, train_turns, by_shape)
                     for i in range(records[split])
                 ]
                 bar.update(len(rows))
@@ -163,7 +234,10 @@ def generate_multi(
                 files["multi_train.json"] = len(rows)
                 continue
             for kk in ks:
-                rows = [multi_record(seed, split, kk, i, scenes, paths) for i in range(records[split])]
+                rows = [
+                    multi_record(seed, split, kk, i, scenes, paths, by_shape=by_shape, types=types)
+                    for i in range(records[split])
+                ]
                 bar.update(len(rows))
                 name = f"multi_{split}_k{kk}.json"
                 save_llava_json(out_dir / name, rows)
@@ -175,6 +249,7 @@ def generate_multi(
         "pool": pool,
         "k": {s: list(v) for s, v in k.items()},
         "records": records,
+        "types": list(types),
         "files": files,
     }
     write_json_atomic(out_dir / MULTI_INFO_FILE, info)
