@@ -2,9 +2,9 @@
 the trained window. Two models on the same data, steps and seed: ``plain`` (delta 1) and ``v2pe`` (each
 training image draws delta from {1, 1/2, ..., 1/256}); each is evaluated at every K and delta.
 
-    python bench/v2pe_length.py --out v2pe --steps 3000 --json v2pe.json --plot v2pe.png
-    python bench/v2pe_length.py --out v2pe --steps 5 --pool 64 --train-records 200 --eval-records 8 \
-        --retrieve-records 8   # smoke
+    python bench/v2pe_length.py --out v2pe --steps 7000 --json v2pe.json --plot v2pe.png
+    python bench/v2pe_length.py --out v2pe --steps 5 --pool 200 --eval-pool 200 --train-records 200 \
+        --eval-records 8 --retrieve-records 8   # smoke
 
 Training sees K <= 8 images (36 visual tokens each, ~400 positions); evaluation goes to K = 64 (~2500
 positions at delta 1). Trainings run as two concurrent processes, evaluations ``--parallel`` at a time.
@@ -209,7 +209,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("v2pe_length"))
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pool", type=int, default=2000)
+    ap.add_argument("--pool", type=int, default=20000, help="rendered training scenes")
+    ap.add_argument("--eval-pool", type=int, default=2000, help="rendered scenes per val / test split")
     ap.add_argument("--train-records", type=int, default=40000)
     ap.add_argument("--eval-records", type=int, default=150, help="records per K, all types")
     ap.add_argument("--retrieve-records", type=int, default=300, help="records per K, retrieve only")
@@ -237,7 +238,7 @@ def main() -> None:
         args.out / "data",
         k={"train": TRAIN_K, "val": [8], "test": TEST_K},
         records={"train": args.train_records, "val": 64, "test": args.eval_records},
-        pool=args.pool,
+        pool={"train": args.pool, "val": args.eval_pool, "test": args.eval_pool},
         seed=args.seed,
         progress=False,
     )
@@ -245,7 +246,7 @@ def main() -> None:
         args.out / "retrieve",
         k={"test": TEST_K},
         records={"test": args.retrieve_records},
-        pool=args.pool,
+        pool=args.eval_pool,
         seed=args.seed,
         types=["retrieve"],
         progress=False,
@@ -283,7 +284,8 @@ def main() -> None:
             **{
                 k: v
                 for k, v in vars(args).items()
-                if k in ("steps", "seed", "pool", "train_records", "eval_records")
+                if k
+                in ("steps", "seed", "pool", "eval_pool", "train_records", "eval_records", "retrieve_records")
             },
             "train_k": TRAIN_K,
             "test_k": TEST_K,

@@ -193,7 +193,7 @@ def generate_multi(
     *,
     k: dict[str, Sequence[int]],
     records: dict[str, int],
-    pool: int = 512,
+    pool: int | dict[str, int] = 512,
     seed: int = 0,
     image_size: int = 96,
     train_turns: int = 3,
@@ -202,20 +202,22 @@ def generate_multi(
 ) -> dict:
     """Write the pools, ``multi_<split>.json`` for the train split (K drawn per record from ``k['train']``)
     and ``multi_<split>_k<K>.json`` per K for the others, asking ``types`` (a subset of ``MULTI_TYPES``);
-    returns (and writes) ``shapesworld_multi.json``."""
+    ``pool`` (scenes rendered per split) is one number or one per split. Returns (and writes)
+    ``shapesworld_multi.json``."""
     out_dir = Path(out_dir)
+    pools = pool if isinstance(pool, dict) else {split: pool for split in k}
     unknown = sorted(set(types) - set(MULTI_TYPES))
     if unknown or not types:
         raise ValueError(f"types: choose from {list(MULTI_TYPES)}, got {list(types)}")
     for split, ks in k.items():
-        if min(ks) < 1 or max(ks) > pool:
-            raise ValueError(f"k[{split!r}]: every K must be in 1..pool ({pool}), got {list(ks)}")
+        if min(ks) < 1 or max(ks) > pools[split]:
+            raise ValueError(f"k[{split!r}]: every K must be in 1..pool ({pools[split]}), got {list(ks)}")
     files: dict[str, dict[str, int]] = {}
-    total = len(k) * pool + sum(records[s] * (1 if s == "train" else len(k[s])) for s in k)
+    total = sum(pools[s] for s in k) + sum(records[s] * (1 if s == "train" else len(k[s])) for s in k)
     with tqdm(total=total, disable=not progress, desc="ShapesWorld multi", unit="item") as bar:
         for split, ks in k.items():
             scenes, paths = [], []
-            for i in range(pool):
+            for i in range(pools[split]):
                 scene = pool_scene(seed, split, i, image_size)
                 path = f"images/{split}/multi_{i:06d}.png"
                 write_bytes_atomic(out_dir / path, png_bytes(scene.render()))
@@ -246,7 +248,7 @@ def generate_multi(
         "dataset": "shapesworld_multi",
         "seed": seed,
         "image_size": image_size,
-        "pool": pool,
+        "pool": pools,
         "k": {s: list(v) for s, v in k.items()},
         "records": records,
         "types": list(types),
