@@ -36,14 +36,22 @@ TEST_K = [1, 2, 4, 8, 16, 32, 64]
 DELTAS = [1.0, 0.25, 0.0625, 0.015625]
 WINDOW_K = 8  # the largest K trained
 LONG_K = (32, 64)  # 4x and 8x the trained window: where the targets are checked
-MODEL = {
-    "llm": {
-        "family": "llama",
+LLMS = {  # the quickstart's LLM, and one with the depth and width to route a question to one of K images
+    "quickstart": {
         "hidden_size": 192,
         "num_hidden_layers": 3,
         "num_attention_heads": 3,
         "intermediate_size": 576,
     },
+    "small": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
+}
+MODEL = {
+    "llm": {"family": "llama"},
     "tokenizer": {"vocab_size": 1024},
     "experts": [{"name": "main", "model": "resnet10t", "image_size": 96, "feature_index": 2}],
     "projector": {"type": "concat", "depth": 2, "pool": 2, "pos_embed": True},
@@ -57,7 +65,12 @@ def train_one(args: argparse.Namespace) -> None:
 
     data = args.out / "data"
     spec = {
-        "model": {**json.loads(json.dumps(MODEL)), "v2pe": args.train == "v2pe", "init_from": args.init_from},
+        "model": {
+            **json.loads(json.dumps(MODEL)),
+            "llm": {**MODEL["llm"], **LLMS[args.llm]},
+            "v2pe": args.train == "v2pe",
+            "init_from": args.init_from,
+        },
         "data": {
             "train": str(data / "multi_train.json"),
             "val": str(data / "multi_val_k8.json"),
@@ -71,7 +84,7 @@ def train_one(args: argparse.Namespace) -> None:
             "train_experts": True,
             "batch_size": 32,
             "lr": 1e-3,
-            "warmup_steps": 50,
+            "warmup_steps": args.warmup,
             "max_steps": args.steps,
             "eval_every": args.steps,
             "save_every": args.steps,
@@ -209,6 +222,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("v2pe_length"))
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llm", choices=sorted(LLMS), default="quickstart", help="the LLM's size")
+    ap.add_argument("--warmup", type=int, default=50, help="warmup steps")
     ap.add_argument("--pool", type=int, default=20000, help="rendered training scenes")
     ap.add_argument("--eval-pool", type=int, default=2000, help="rendered scenes per val / test split")
     ap.add_argument("--train-records", type=int, default=40000)
@@ -252,7 +267,8 @@ def main() -> None:
         progress=False,
     )
     print(f"data in {time.perf_counter() - t0:.0f} s", flush=True)
-    common = ["--out", str(args.out), "--steps", str(args.steps), "--seed", str(args.seed)]
+    common = ["--out", str(args.out), "--steps", str(args.steps), "--seed", str(args.seed), "--llm", args.llm]
+    common += ["--warmup", str(args.warmup)]
     common += ["--init-from", args.init_from] if args.init_from else []
     t1 = time.perf_counter()
     codes = run_all([["--train", m, *common] for m in ("plain", "v2pe")], 2, args.out / "logs")
@@ -285,7 +301,17 @@ def main() -> None:
                 k: v
                 for k, v in vars(args).items()
                 if k
-                in ("steps", "seed", "pool", "eval_pool", "train_records", "eval_records", "retrieve_records")
+                in (
+                    "steps",
+                    "seed",
+                    "llm",
+                    "warmup",
+                    "pool",
+                    "eval_pool",
+                    "train_records",
+                    "eval_records",
+                    "retrieve_records",
+                )
             },
             "train_k": TRAIN_K,
             "test_k": TEST_K,
@@ -302,7 +328,7 @@ def main() -> None:
         plot(
             results,
             args.plot,
-            f"Long multi-image ShapesWorld, {args.steps} steps, seed {args.seed}, {device}",
+            f"Long multi-image ShapesWorld, {args.llm} LLM, {args.steps} steps, seed {args.seed}, {device}",
             window,
         )
 
