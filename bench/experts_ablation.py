@@ -118,7 +118,7 @@ def row_config(row: str, seed: int, steps: int, data_dir: Path, clip_dir: Path, 
 def run_one(args: argparse.Namespace) -> None:
     """Child process: train one row with one seed, evaluate on the test split, write its JSON."""
     from mm.evaluate import evaluate_file
-    from mm.inference import load_model
+    from mm.inference import Engine
     from mm.train import train
 
     out = args.out
@@ -127,10 +127,9 @@ def run_one(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     export = train(cfg, overwrite=True, progress=False)
     train_s = time.perf_counter() - t0
-    model, processor = load_model(export)
-    metrics, _, _ = evaluate_file(
-        model, processor, out / "data" / "test.json", limit=args.eval_records, progress=False
-    )
+    engine = Engine.load(export)
+    model, processor = engine.model, engine.processor
+    metrics, _, _ = evaluate_file(engine, out / "data" / "test.json", limit=args.eval_records, progress=False)
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed"] for r in steps if "elapsed" in r]
     gaps = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))  # median: robust to validation steps

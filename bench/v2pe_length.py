@@ -98,23 +98,23 @@ def train_one(args: argparse.Namespace) -> None:
 def eval_one(args: argparse.Namespace) -> None:
     """Child: one model at one delta on every test K; writes results/<model>_d<delta>.json."""
     from mm.evaluate import evaluate_file
-    from mm.inference import load_model
+    from mm.inference import Engine
 
-    model, processor = load_model(args.out / "runs" / args.model / "model", visual_delta=args.delta)
-    processor.max_length = None  # the point is to go past the trained length
+    engine = Engine.load(args.out / "runs" / args.model / "model", visual_delta=args.delta, max_batch=16)
+    engine.processor.max_length = None  # the point is to go past the trained length
     rows = {}
     for k in TEST_K:
         metrics, _, _ = evaluate_file(
-            model, processor, args.out / "data" / f"multi_test_k{k}.json", batch_size=16, progress=False
+            engine, args.out / "data" / f"multi_test_k{k}.json", batch_size=16, progress=False
         )
         retrieve, _, _ = evaluate_file(
-            model, processor, args.out / "retrieve" / f"multi_test_k{k}.json", batch_size=16, progress=False
+            engine, args.out / "retrieve" / f"multi_test_k{k}.json", batch_size=16, progress=False
         )
         rows[k] = {
             "retrieve": retrieve.get("multi_exact_match"),
             "accuracy": metrics.get("multi_exact_match"),
             "by_type": metrics.get("multi_by_type", {}),
-            "positions": int(k * processor.positions_per_image),
+            "positions": int(k * engine.processor.positions_per_image),
         }
     path = args.out / "results" / f"{args.model}_d{args.delta:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,15 +91,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from data.schema import write_bytes_atomic, write_json_atomic
 
     from .evaluate import evaluate_file
-    from .inference import load_model
+    from .inference import Engine
     from .report import print_metrics
 
-    model, processor = load_model(args.model, device=args.device, visual_delta=args.v2pe_delta)
+    engine = Engine.load(
+        args.model, device=args.device, visual_delta=args.v2pe_delta, max_batch=args.batch_size
+    )
     if args.max_length:
-        processor.max_length = args.max_length
+        engine.processor.max_length = args.max_length
     metrics, rows, skips = evaluate_file(
-        model,
-        processor,
+        engine,
         args.data,
         image_folder=args.image_folder,
         media_roots=args.media_root or (),

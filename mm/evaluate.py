@@ -18,14 +18,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.media import MediaPaths, load_image
-from data.processor import VLMProcessor
 from data.schema import RecordFile, image_list, load_record_file
 from data.scoring import ScoreContext, aggregate, score_record, scorer_for, task_of
 from data.skips import NothingUsable, Skip, SkipLog
 
 from .generation import GenerationSettings
-from .inference import Prompt, collate, decode, generate_ids, prepare
-from .model import VLM
+from .inference import Engine, Request
 
 
 def question_turns(rec: dict[str, Any]) -> list[dict[str, str]]:
@@ -41,8 +39,7 @@ def _skipped_row(skip: Skip, skips: SkipLog) -> dict[str, Any]:
 
 @torch.inference_mode()
 def evaluate(
-    model: VLM,
-    processor: VLMProcessor,
+    engine: Engine,
     records: Sequence[dict[str, Any]],
     media: MediaPaths,
     *,
@@ -54,23 +51,26 @@ def evaluate(
     progress: bool = True,
     skips: SkipLog | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and one row per record (in order). ``indices``: the records' positions in their file;
-    ``skips`` collects the skipped ones (and prints the first few)."""
+    """Metrics and one row per record (in order), answered through ``engine`` ``batch_size`` records at a
+    time. ``indices``: the records' positions in their file; ``skips`` collects the skipped ones (and
+    prints the first few)."""
     indices = list(range(len(records))) if indices is None else list(indices)
     skips = skips if skips is not None else SkipLog()
-    device = next(model.parameters()).device
+    processor = engine.processor
     rows: list[dict[str, Any] | None] = [None] * len(records)
     order = sorted(range(len(records)), key=lambda i: (task_of(records[i]), len(json.dumps(records[i]))))
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
-        chunk, features, sizes = [], [], []
+        chunk, requests, sizes = [], [], []
         for i in order[start : start + batch_size]:
             rec = records[i]
             try:
                 images = [load_image(media.resolve(entry)) for entry in image_list(rec)]
                 if blind:  # black images of the same sizes: the no-vision baseline
                     images = [Image.new("RGB", im.size) for im in images]
-                features.append(prepare(processor, Prompt(question_turns(rec), images)))
+                request = Request(question_turns(rec), images)
+                engine.prepare(request)
+                requests.append(request)
             except ValueError as err:  # MediaError, or a prompt the processor cannot take
                 rows[i] = _skipped_row(Skip.from_error("eval", indices[i], rec.get("id"), err), skips)
                 continue
@@ -80,8 +80,9 @@ def evaluate(
         if not chunk:
             continue
         budget = max_new_tokens or max(scorer_for(task_of(records[i]), scorer).max_new_tokens for i in chunk)
-        batch = collate(processor, features, device)
-        predictions = decode(processor, generate_ids(model, batch, GenerationSettings(max_new_tokens=budget)))
+        for request in requests:
+            request.settings = GenerationSettings(max_new_tokens=budget)
+        predictions = [a.text for a in engine.generate(requests)]
         for i, prediction, size in zip(chunk, predictions, sizes):
             rec = records[i]
             ctx = ScoreContext(box_format=processor.box_format, image_size=size)
@@ -109,8 +110,7 @@ def evaluate(
 
 
 def evaluate_file(
-    model: VLM,
-    processor: VLMProcessor,
+    engine: Engine,
     path: str | Path,
     *,
     image_folder: str | Path | None = None,
@@ -130,8 +130,7 @@ def evaluate_file(
         if not limit or err.index is None or err.index < limit
     ]
     metrics, scored = evaluate(
-        model,
-        processor,
+        engine,
         [loaded.records[k] for k in keep],
         MediaPaths(image_folder or loaded.path.parent, media_roots),
         indices=[loaded.indices[k] for k in keep],

@@ -8,6 +8,7 @@ right after the prefill. Works with left-padded batches and an HF ``TextIterator
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,22 +27,63 @@ class GenerationSettings:
     top_k: int = 0
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
-def _sample(logits: torch.Tensor, s: GenerationSettings, gen: torch.Generator | None) -> torch.Tensor:
-    if not s.do_sample or s.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    @property
+    def samples(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+
+class RowSampler:
+    """Per-row decoding settings of one batch: rows of concurrent requests differ in temperature, top-p,
+    top-k, seed and length, and a seeded row draws from its own generator, so its tokens do not depend on
+    what it was batched with."""
+
+    def __init__(self, settings: Sequence[GenerationSettings], device: torch.device):
+        self.settings = list(settings)
+        self.max_new = torch.tensor([s.max_new_tokens for s in settings], device=device)
+        self.sampled = [i for i, s in enumerate(settings) if s.samples]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+            for s in settings
+        ]
+
+    @property
+    def steps(self) -> int:
+        return max((s.max_new_tokens for s in self.settings), default=0)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        if not self.sampled:
+            return tokens
+        rows = torch.tensor(self.sampled, device=logits.device)
+        picked = [self.settings[i] for i in self.sampled]
+        x = logits[rows] / torch.tensor([s.temperature for s in picked], device=logits.device)[:, None]
+        top_k = torch.tensor([s.top_k for s in picked], device=logits.device)
+        if bool((top_k > 0).any()):
+            k_max = int(top_k.max().clamp(max=x.shape[-1]))
+            kth = torch.topk(x, k_max, dim=-1).values.gather(1, (top_k.clamp(1, k_max) - 1)[:, None])
+            x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
+        top_p = torch.tensor([s.top_p for s in picked], device=logits.device)
+        if bool((top_p < 1).any()):
+            sorted_x, order = torch.sort(x, descending=True, dim=-1)
+            p = sorted_x.softmax(-1)
+            drop = p.cumsum(-1) - p > top_p[:, None]  # keep the smallest set reaching top_p
+            x = torch.full_like(x, float("-inf")).scatter(
+                -1, order, sorted_x.masked_fill(drop, float("-inf"))
+            )
+        probs = x.softmax(-1)
+        for j, i in enumerate(self.sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=self.generators[i])[0]
+        return tokens
 
 
 @torch.inference_mode()
@@ -52,21 +94,28 @@ def generate(
     pixel_values: dict[str, torch.Tensor] | torch.Tensor | None = None,
     *,
     image_deltas: torch.Tensor | None = None,
-    settings: GenerationSettings | None = None,
+    settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
     streamer: Any = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Generate continuations of left-padded prompts. Returns new tokens ``[B, T]`` (pad after EOS)."""
-    s = settings or GenerationSettings()
+    """Generate continuations of left-padded prompts. Returns new tokens ``[B, T]`` (pad after a row ends).
+
+    ``settings``: one for every row, or one per row. ``streamer``: an HF streamer (``put`` / ``end``).
+    ``on_step(tokens, finished)``: called after every step with the new token of each row (on the CPU) and
+    which rows have ended (EOS or their own ``max_new_tokens``); a row that has ended gets padding."""
+    batch = input_ids.shape[0]
+    if settings is None or isinstance(settings, GenerationSettings):
+        settings = [settings or GenerationSettings()] * batch
+    if len(settings) != batch:
+        raise ValueError(f"{len(settings)} generation settings for a batch of {batch}")
+    sampler = RowSampler(settings, input_ids.device)
     eos = torch.tensor(
         [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id),
         dtype=torch.long,
         device=input_ids.device,
     )
-    gen = None
-    if s.seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(s.seed)
     positions = model.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
     embeds = model.embed(input_ids, pixel_values)
     cache = DynamicCache(config=model.llm.config)
@@ -80,18 +129,19 @@ def generate(
     )
     next_pos = next_positions(positions, attention_mask)
     mask = attention_mask
-    batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    finished = sampler.max_new <= 0
     new_tokens: list[torch.Tensor] = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    for _ in range(s.max_new_tokens):
-        tok = _sample(out.logits[:, -1, :].float(), s, gen)
+    for step in range(sampler.steps):
+        tok = sampler(out.logits[:, -1, :].float())
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         new_tokens.append(tok)
         if streamer is not None:
             streamer.put(tok.cpu())
-        finished |= torch.isin(tok, eos)
+        finished = finished | torch.isin(tok, eos) | (sampler.max_new <= step + 1)
+        if on_step is not None:
+            on_step(tok.cpu(), finished.cpu())
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

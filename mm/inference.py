@@ -1,21 +1,26 @@
-"""One generation path for ``mm chat``, ``mm eval``, the demo and batch scripts.
+"""One generation path for ``mm chat``, ``mm eval``, the demo and the batch scripts: the ``Engine``.
 
-``prepare`` (conversation + images -> features) -> ``collate`` (left-padded batch on the device) ->
-``generate_ids`` (the VLM's decoding loop) -> ``decode`` (text). ``generate_batch`` chains them for many
-prompts at once; ``Assistant`` keeps one conversation (text turns + images) and streams its answers.
+An ``Engine`` holds one loaded model and its processor. ``generate(requests)`` answers a list of requests
+in left-padded batches (eval, batch scripts); ``submit(request)`` queues one request from any thread, and a
+worker thread batches the requests that arrive together into one ``generate`` call, streaming each row's
+text to its own ``Handle`` (the demo). Every request carries its own settings (max tokens, temperature,
+top-p, top-k, seed, V2PE delta), so requests batched together do not change each other's answers.
+A ``Conversation`` keeps the turns and images of one chat.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
 
 from data.boxes import parse_boxes
 from data.media import load_image
@@ -33,14 +38,17 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def set_visual_delta(model: VLM, processor: VLMProcessor, delta: float) -> None:
-    """Place every image at V2PE step ``delta`` from now on (e.g. 1/16 for contexts far past training)."""
+def check_visual_delta(model: VLM, delta: float) -> float:
     if not 0 < delta <= 1:
         raise ValueError(f"V2PE delta must be in (0, 1], got {delta}")
     if delta != 1 and getattr(model, "_learned_positions", False):
         raise ValueError(f"{type(model.llm).__name__} has learned absolute positions: V2PE delta must be 1")
-    model.config.visual_delta = float(delta)
-    processor.delta = float(delta)
+    return float(delta)
+
+
+def set_visual_delta(model: VLM, processor: VLMProcessor, delta: float) -> None:
+    """Place every image at V2PE step ``delta`` from now on (e.g. 1/16 for contexts far past training)."""
+    model.config.visual_delta = processor.delta = check_visual_delta(model, delta)
 
 
 def load_model(
@@ -60,14 +68,6 @@ def load_model(
     return model, processor
 
 
-@dataclass
-class Prompt:
-    """One generation request: a conversation ending with a user turn, its images in placeholder order."""
-
-    conversation: list[dict[str, str]]
-    images: list[Image.Image] = field(default_factory=list)
-
-
 def user_turn(question: str, num_images: int) -> dict[str, str]:
     """A user turn for ``question``; images without a placeholder go first, LLaVA-style."""
     text = question.strip()
@@ -79,48 +79,309 @@ def user_turn(question: str, num_images: int) -> dict[str, str]:
     return {"from": "human", "value": "\n".join([IMAGE_TOKEN] * missing + [text])}
 
 
-def prepare(processor: VLMProcessor, prompt: Prompt) -> dict[str, Any]:
-    """Token ids and pixels of one prompt (raises ``ValueError`` for a prompt that cannot be generated on)."""
-    return processor(prompt.conversation, prompt.images, for_generation=True)
+@dataclass
+class Request:
+    """One generation request: a conversation ending with a user turn, its images in placeholder order,
+    and its own decoding settings; ``visual_delta`` places its images at that V2PE step (None: the
+    model's)."""
+
+    conversation: list[dict[str, str]]
+    images: list[Image.Image] = field(default_factory=list)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    visual_delta: float | None = None
+    features: dict[str, Any] | None = field(default=None, repr=False)  # Engine.prepare's, once checked
 
 
-def collate(
-    processor: VLMProcessor, features: Sequence[dict[str, Any]], device: torch.device
-) -> dict[str, Any]:
-    """Left-padded batch on ``device``: every row's prompt ends where generation starts."""
-    batch = processor.collate(features, padding_side="left")
-    pv = batch["pixel_values"]
-    return {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-        "image_deltas": batch["image_deltas"].to(device),
-        "pixel_values": None if pv is None else {k: v.to(device) for k, v in pv.items()},
-    }
+@dataclass
+class Answer:
+    """A request's answer and what it cost: tokens in and out, time from its batch's start (prefill
+    included) and the KV cache it held at its end."""
+
+    text: str
+    prompt_tokens: int
+    visual_tokens: int
+    new_tokens: int
+    finish: str  # "eos" or "length"
+    seconds: float
+    first_token_seconds: float
+    kv_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate_ids(
-    model: VLM, batch: dict[str, Any], settings: GenerationSettings, streamer: Any = None
-) -> torch.Tensor:
-    """New tokens ``[B, T]`` for a collated batch (padding after each row's end of turn)."""
-    return model.generate(**batch, streamer=streamer, **vars(settings))
+class _TextPieces:
+    """Incremental detokenisation of one row: the new text after each token, held back while it ends in a
+    partial UTF-8 character."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
 
 
-def decode(processor: VLMProcessor, ids: torch.Tensor) -> list[str]:
-    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids.tolist()]
+class Handle:
+    """A submitted request: ``stream()`` yields its text as it is generated, ``result()`` waits for the
+    ``Answer``; an error in the request (or its batch) is raised by both."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self._pieces: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._answer: Answer | None = None
+        self._error: BaseException | None = None
+
+    def _piece(self, text: str) -> None:
+        if text:
+            self._pieces.put(text)
+
+    def _finish(self, answer: Answer | None = None, error: BaseException | None = None) -> None:
+        self._answer, self._error = answer, error
+        self._done.set()
+        self._pieces.put(None)
+
+    def stream(self) -> Iterator[str]:
+        while (piece := self._pieces.get()) is not None:
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> Answer:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"no answer after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
 
 
-@torch.inference_mode()
-def generate_batch(
-    model: VLM, processor: VLMProcessor, prompts: Sequence[Prompt], settings: GenerationSettings | None = None
-) -> list[str]:
-    """Answers to ``prompts``, generated together in one left-padded batch."""
-    device = next(model.parameters()).device
-    batch = collate(processor, [prepare(processor, p) for p in prompts], device)
-    return decode(processor, generate_ids(model, batch, settings or GenerationSettings()))
+class Engine:
+    """One loaded model and processor, safe to call from several threads.
+
+    ``max_batch``: most requests in one padded batch. ``batch_window_s``: how long the worker waits for
+    more requests after the first one arrives, so that concurrent users share a batch."""
+
+    def __init__(
+        self, model: VLM, processor: VLMProcessor, *, max_batch: int = 8, batch_window_s: float = 0.01
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.processor = model, processor
+        self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        self.device = next(model.parameters()).device
+        self._lock = threading.Lock()  # one generate at a time on the model
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
+        cfg = model.llm.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = text_cfg.num_attention_heads
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
+        kv_heads = getattr(text_cfg, "num_key_value_heads", None) or heads
+        elem = next(model.llm.parameters()).element_size()
+        # a full (uncompressed) cache: keys and values of every layer for every token held
+        self.kv_bytes_per_token = 2 * text_cfg.num_hidden_layers * kv_heads * head_dim * elem
+        eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        visual_delta: float | None = None,
+        **kwargs: Any,
+    ) -> Engine:
+        model, processor = load_model(model_dir, device, dtype, visual_delta)
+        return cls(model, processor, **kwargs)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def prepare(self, request: Request) -> dict[str, Any]:
+        """The request's token ids and pixels (kept on it); ``ValueError`` for one that cannot be answered
+        (an empty or too long prompt, a placeholder count that does not match its images, a bad delta)."""
+        if request.features is None:
+            features = self.processor(request.conversation, request.images, for_generation=True)
+            if request.visual_delta is not None:
+                delta = check_visual_delta(self.model, request.visual_delta)
+                features["image_deltas"] = [delta] * len(request.images)
+            request.features = features
+        return request.features
+
+    def _batch(self, requests: Sequence[Request]) -> dict[str, Any]:
+        batch = self.processor.collate([self.prepare(r) for r in requests], padding_side="left")
+        pv = batch["pixel_values"]
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+            "image_deltas": batch["image_deltas"].to(self.device),
+            "pixel_values": None if pv is None else {k: v.to(self.device) for k, v in pv.items()},
+        }
+
+    @torch.inference_mode()
+    def _run(self, requests: Sequence[Request], on_text: Callable[[int, str], None] | None) -> list[Answer]:
+        """One padded batch (the caller holds the lock)."""
+        batch = self._batch(requests)
+        self.batch_sizes[len(requests)] += 1
+        tokenizer = self.processor.tokenizer
+        rows = len(requests)
+        pieces = [_TextPieces(tokenizer) for _ in range(rows)]
+        ended_at: list[float | None] = [0.0 if r.settings.max_new_tokens == 0 else None for r in requests]
+        counts, first, last_token = [0] * rows, [0.0], [-1] * rows
+        start = time.perf_counter()
+
+        def on_step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+            now = time.perf_counter()
+            if not first[0]:
+                first[0] = now - start
+            for row in range(rows):
+                if ended_at[row] is not None:
+                    continue
+                counts[row] += 1
+                last_token[row] = int(tokens[row])
+                piece = pieces[row].add(last_token[row])
+                if on_text is not None and piece:
+                    on_text(row, piece)
+                if bool(finished[row]):
+                    ended_at[row] = now - start
+
+        ids = self.model.generate(**batch, settings=[r.settings for r in requests], on_step=on_step)
+        total = time.perf_counter() - start
+        texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids.tolist()]
+        mask, input_ids = batch["attention_mask"], batch["input_ids"]
+        prompt = mask.sum(1).tolist()
+        visual = (input_ids == self.processor.image_token_id).logical_and(mask.bool()).sum(1).tolist()
+        answers = []
+        for row in range(rows):
+            n = counts[row]
+            answers.append(
+                Answer(
+                    text=texts[row],
+                    prompt_tokens=int(prompt[row]),
+                    visual_tokens=int(visual[row]),
+                    new_tokens=n,
+                    finish="eos" if last_token[row] in self.eos_ids else "length",
+                    seconds=ended_at[row] if ended_at[row] is not None else total,
+                    first_token_seconds=first[0],
+                    kv_bytes=self.kv_bytes_per_token * int(prompt[row] + n),
+                )
+            )
+        return answers
+
+    def generate(
+        self, requests: Sequence[Request], on_text: Callable[[int, str], None] | None = None
+    ) -> list[Answer]:
+        """Answers to ``requests`` in order, ``max_batch`` at a time; ``on_text(index, piece)`` streams
+        them. Raises ``ValueError`` for a request that cannot be answered (``prepare`` each first to
+        find which)."""
+        for r in requests:
+            self.prepare(r)
+        answers: list[Answer] = []
+        for lo in range(0, len(requests), self.max_batch):
+            chunk = requests[lo : lo + self.max_batch]
+            callback = None if on_text is None else (lambda row, piece, lo=lo: on_text(lo + row, piece))
+            with self._lock:
+                answers += self._run(chunk, callback)
+        return answers
+
+    # -- concurrent use -----------------------------------------------------------------------------
+    def submit(self, request: Request) -> Handle:
+        """Queue ``request``; requests that arrive together are answered in one batch."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        handle = Handle(request)
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="mm-engine", daemon=True)
+                self._worker.start()
+        self._queue.put(handle)
+        return handle
+
+    def stream(self, request: Request) -> Iterator[str]:
+        return self.submit(request).stream()
+
+    def _serve(self) -> None:
+        while (handle := self._queue.get()) is not None:
+            handles = [handle]
+            deadline = time.monotonic() + self.batch_window_s
+            while len(handles) < self.max_batch:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                handles.append(more)
+            self._answer(handles)
+
+    def _answer(self, handles: list[Handle]) -> None:
+        good = []
+        for h in handles:
+            try:
+                self.prepare(h.request)
+                good.append(h)
+            except Exception as err:  # this request only: the others still run
+                h._finish(error=err)
+        if not good:
+            return
+        try:
+            with self._lock:
+                answers = self._run([h.request for h in good], lambda row, piece: good[row]._piece(piece))
+        except Exception as err:  # the batch failed: every request in it hears why
+            for h in good:
+                h._finish(error=err)
+            return
+        for h, answer in zip(good, answers):
+            h._finish(answer)
+
+    def close(self) -> None:
+        """Stop the worker after the queued requests."""
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def boxes(self, answer: str, image: Image.Image) -> list[tuple[float, float, float, float]]:
+        """Boxes in ``answer`` in absolute pixels of ``image`` (the box format the model was trained with)."""
+        return parse_boxes(answer, image.size, self.processor.box_format)
+
+
+class Conversation:
+    """The turns and images of one chat; ``request`` builds the next request, ``commit`` keeps its answer
+    (nothing is kept for a question that got no answer)."""
+
+    def __init__(self) -> None:
+        self.turns: list[dict[str, str]] = []
+        self.images: list[Image.Image] = []
+
+    def request(
+        self,
+        question: str,
+        images: Sequence[str | Path | Image.Image] = (),
+        settings: GenerationSettings | None = None,
+        visual_delta: float | None = None,
+    ) -> Request:
+        turn = user_turn(question, len(images))
+        new = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        return Request(self.turns + [turn], self.images + new, settings or GenerationSettings(), visual_delta)
+
+    def commit(self, request: Request, answer: str) -> None:
+        self.turns = request.conversation + [{"from": "gpt", "value": answer}]
+        self.images = list(request.images)
 
 
 class Assistant:
-    """A loaded VLM plus one running conversation."""
+    """An engine plus one conversation: what ``mm chat`` talks to."""
 
     def __init__(
         self,
@@ -129,58 +390,26 @@ class Assistant:
         dtype: torch.dtype | None = None,
         visual_delta: float | None = None,
     ):
-        self.model, self.processor = load_model(model_dir, device, dtype, visual_delta)
-        self.device = next(self.model.parameters()).device
+        self.engine = Engine.load(model_dir, device, dtype, visual_delta)
         self.reset()
 
     def reset(self) -> None:
-        self.turns: list[dict[str, str]] = []
-        self.images: list[Image.Image] = []
-
-    def _prompt(self, question: str, images: Sequence[str | Path | Image.Image]) -> tuple[Prompt, list]:
-        """The conversation so far plus the new question; nothing is kept until an answer exists."""
-        turn = user_turn(question, len(images))
-        new = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return Prompt(self.turns + [turn], self.images + new), new
-
-    def _commit(self, prompt: Prompt, new_images: list, answer: str) -> None:
-        self.turns = prompt.conversation + [{"from": "gpt", "value": answer}]
-        self.images += new_images
+        self.conversation = Conversation()
 
     def ask(self, question: str, images: Sequence[str | Path | Image.Image] = (), **settings: Any) -> str:
-        prompt, new = self._prompt(question, images)
-        answer = generate_batch(self.model, self.processor, [prompt], GenerationSettings(**settings))[0]
-        self._commit(prompt, new, answer)
+        request = self.conversation.request(question, images, GenerationSettings(**settings))
+        answer = self.engine.generate([request])[0].text
+        self.conversation.commit(request, answer)
         return answer
 
     def stream(
         self, question: str, images: Sequence[str | Path | Image.Image] = (), **settings: Any
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
-        prompt, new = self._prompt(question, images)
-        batch = collate(self.processor, [prepare(self.processor, prompt)], self.device)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    generate_ids(self.model, batch, GenerationSettings(**settings), streamer)
-            except BaseException as err:  # surfaced in the caller's thread below
-                errors.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            yield piece
-        thread.join()
-        if errors:
-            raise errors[0]
-        self._commit(prompt, new, "".join(pieces).strip())
+        request = self.conversation.request(question, images, GenerationSettings(**settings))
+        handle = self.engine.submit(request)
+        yield from handle.stream()
+        self.conversation.commit(request, handle.result().text)
 
     def boxes(self, answer: str, image: Image.Image) -> list[tuple[float, float, float, float]]:
-        """Boxes in ``answer`` in absolute pixels of ``image`` (the box format the model was trained with)."""
-        return parse_boxes(answer, image.size, self.processor.box_format)
+        return self.engine.boxes(answer, image)

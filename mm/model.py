@@ -296,9 +296,13 @@ class VLM(PreTrainedModel):
         streamer: Any = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        **settings: Any,
+        settings: Any = None,
+        on_step: Any = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy or sampled continuation of left-padded prompts; returns only the new tokens."""
+        """Greedy or sampled continuation of left-padded prompts; returns only the new tokens. ``settings``:
+        a ``GenerationSettings`` or one per row (else built from ``kwargs``); ``on_step``: see
+        ``mm.generation.generate``."""
         from .generation import GenerationSettings, generate
 
         if attention_mask is None:
@@ -314,8 +318,9 @@ class VLM(PreTrainedModel):
             attention_mask,
             pixel_values,
             image_deltas=image_deltas,
-            settings=GenerationSettings(**settings),
+            settings=settings if settings is not None else GenerationSettings(**kwargs),
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             streamer=streamer,
+            on_step=on_step,
         )

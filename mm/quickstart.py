@@ -56,7 +56,7 @@ def run_quickstart(
     from data.shapesworld import ensure_dataset
 
     from .evaluate import evaluate_file
-    from .inference import load_model
+    from .inference import Engine
     from .report import console, print_metrics, print_samples
     from .train import train
 
@@ -104,8 +104,9 @@ def run_quickstart(
     train_minutes = (time.perf_counter() - t_train) / 60
 
     console.print(f"[bold]3/3[/bold] evaluating {export} on the test split")
-    model, processor = load_model(export)
-    metrics, rows, _ = evaluate_file(model, processor, data_dir / "test.json", blind=blind, progress=progress)
+    metrics, rows, _ = evaluate_file(
+        Engine.load(export), data_dir / "test.json", blind=blind, progress=progress
+    )
     metrics["train_minutes"] = round(train_minutes, 2)
     metrics["total_minutes"] = round((time.perf_counter() - t0) / 60, 2)
     metrics["blind"] = blind

@@ -20,6 +20,7 @@ from data.scoring import (
 )
 from data.skips import NothingUsable
 from mm.evaluate import evaluate, evaluate_file
+from mm.inference import Engine
 
 CTX = ScoreContext(box_format=BoxFormat(frame=1000), image_size=(200, 100))
 
@@ -148,7 +149,7 @@ def test_evaluate_file_scores_every_generic_record_through_the_model(
     generic_file, tiny_model, tiny_processor
 ):
     metrics, rows, skips = evaluate_file(
-        tiny_model, tiny_processor, generic_file, batch_size=4, progress=False
+        Engine(tiny_model, tiny_processor), generic_file, batch_size=4, progress=False
     )
     assert metrics["counts"] == {"caption": 2, "ground": 2, "other": 2}
     assert metrics["scored"] == 6 and metrics["skipped"] == 0 and skips.count("eval") == 0
@@ -172,7 +173,9 @@ def test_skipped_records_are_rows_with_the_file_and_the_reason(tmp_path, tiny_mo
         {**good, "id": "escape", "image": "../a.png"},
         {**good, "id": "caption", "meta": {"task": "caption"}},
     ]
-    metrics, rows = evaluate(tiny_model, tiny_processor, records, MediaPaths(tmp_path), progress=False)
+    metrics, rows = evaluate(
+        Engine(tiny_model, tiny_processor), records, MediaPaths(tmp_path), progress=False
+    )
     assert metrics["scored"] == 1 and metrics["skipped"] == 4 and metrics["counts"] == {"other": 1}
     by_id = {r["id"]: r for r in rows}
     assert by_id["missing"]["skipped"] == "file not found"
@@ -190,4 +193,4 @@ def test_nothing_scored_is_an_error_not_zeros(tmp_path, tiny_model, tiny_process
     with pytest.raises(
         NothingUsable, match=r"nothing was scored in .*test.json: skipped 4 of 4 eval records"
     ):
-        evaluate_file(tiny_model, tiny_processor, path, progress=False)
+        evaluate_file(Engine(tiny_model, tiny_processor), path, progress=False)

@@ -158,13 +158,16 @@ def test_stream_yields_the_same_text_as_ask(saved_dir):
     image = solid_image((255, 0, 0))
     answer = assistant.ask("Describe the image.", [image], max_new_tokens=40)
     assert answer == ANSWER
-    assert len(assistant.turns) == 2 and assistant.turns[1] == {"from": "gpt", "value": answer}
+    assert len(assistant.conversation.turns) == 2 and assistant.conversation.turns[1] == {
+        "from": "gpt",
+        "value": answer,
+    }
     assistant.reset()
     pieces = list(assistant.stream("Describe the image.", [image], max_new_tokens=40))
     assert len(pieces) > 1  # really streamed, piece by piece
     assert "".join(pieces).strip() == answer
-    assert assistant.turns[0]["value"] == "<image>\nDescribe the image."
-    assert len(assistant.images) == 1
+    assert assistant.conversation.turns[0]["value"] == "<image>\nDescribe the image."
+    assert len(assistant.conversation.images) == 1
 
 
 @pytest.mark.parametrize("question", ["", "   \n"])
