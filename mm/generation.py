@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .kv_cache import KVCompression, ScoreHooks, cache_bytes_per_entry, compress_cache
 from .positions import next_positions
 
 
@@ -26,6 +27,7 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    kv: KVCompression | None = None  # compress this row's KV cache after the prefill (mm.kv_cache)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -86,6 +88,18 @@ class RowSampler:
         return tokens
 
 
+def _per_row(row_scores: list[dict[int, torch.Tensor] | None]) -> dict[int, torch.Tensor] | None:
+    """One score tensor per layer whose row b comes from row b's own kind of scores."""
+    present = [r for r in row_scores if r is not None]
+    if not present:
+        return None
+    out = {}
+    for layer in present[0]:
+        rows = [(r if r is not None else present[0])[layer][b] for b, r in enumerate(row_scores)]
+        out[layer] = torch.stack(rows)
+    return out
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -99,12 +113,16 @@ def generate(
     pad_token_id: int = 0,
     streamer: Any = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Generate continuations of left-padded prompts. Returns new tokens ``[B, T]`` (pad after a row ends).
 
     ``settings``: one for every row, or one per row. ``streamer``: an HF streamer (``put`` / ``end``).
     ``on_step(tokens, finished)``: called after every step with the new token of each row (on the CPU) and
-    which rows have ended (EOS or their own ``max_new_tokens``); a row that has ended gets padding."""
+    which rows have ended (EOS or their own ``max_new_tokens``); a row that has ended gets padding.
+    A row whose settings carry ``kv`` has its KV cache compressed once, right after the prefill; decoding
+    then continues at the logical positions. ``stats`` (a dict) receives ``kv_entries_before`` /
+    ``kv_entries_after`` (per row, entries per layer and KV head) and ``kv_bytes_per_entry``."""
     batch = input_ids.shape[0]
     if settings is None or isinstance(settings, GenerationSettings):
         settings = [settings or GenerationSettings()] * batch
@@ -119,16 +137,40 @@ def generate(
     positions = model.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
     embeds = model.embed(input_ids, pixel_values)
     cache = DynamicCache(config=model.llm.config)
-    out = model.run_llm(
-        cache=cache,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_pos = next_positions(positions, attention_mask)
+    specs = [None if s.kv is None or s.kv.is_full else s.kv for s in settings]
+    hooks = {
+        kind: ScoreHooks(model.llm, cache, attention_mask, kind, max(s.window for s in specs if s))
+        for kind in {s.scores for s in specs if s is not None and s.scores}
+    }
+    try:
+        out = model.run_llm(
+            cache=cache,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    finally:
+        for h in hooks.values():
+            h.remove()
+    next_pos = next_positions(positions, attention_mask)  # logical: compression does not move them
     mask = attention_mask
+    before = after = attention_mask.sum(1).tolist()
+    if any(specs):
+        row_scores = [hooks[s.scores].scores if s is not None and s.scores else None for s in specs]
+        done = compress_cache(
+            cache,
+            attention_mask,
+            input_ids == model.config.image_token_id,
+            specs,
+            _per_row(row_scores),
+        )
+        mask, before, after = done.mask, done.before, done.after
+    if stats is not None:
+        stats.update(
+            kv_entries_before=before, kv_entries_after=after, kv_bytes_per_entry=cache_bytes_per_entry(cache)
+        )
     finished = sampler.max_new <= 0
     new_tokens: list[torch.Tensor] = []
     if streamer is not None:

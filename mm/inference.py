@@ -95,7 +95,8 @@ class Request:
 @dataclass
 class Answer:
     """A request's answer and what it cost: tokens in and out, time from its batch's start (prefill
-    included) and the KV cache it held at its end."""
+    included), and its KV cache: after the prefill (``kv_bytes_prompt``) and at its end, after any
+    compression (``kv_bytes``)."""
 
     text: str
     prompt_tokens: int
@@ -105,6 +106,7 @@ class Answer:
     seconds: float
     first_token_seconds: float
     kv_bytes: int
+    kv_bytes_prompt: int
 
     @property
     def tokens_per_s(self) -> float:
@@ -253,7 +255,10 @@ class Engine:
                 if bool(finished[row]):
                     ended_at[row] = now - start
 
-        ids = self.model.generate(**batch, settings=[r.settings for r in requests], on_step=on_step)
+        stats: dict[str, Any] = {}
+        settings = [r.settings for r in requests]
+        ids = self.model.generate(**batch, settings=settings, on_step=on_step, stats=stats)
+        per_entry = stats["kv_bytes_per_entry"]
         total = time.perf_counter() - start
         texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids.tolist()]
         mask, input_ids = batch["attention_mask"], batch["input_ids"]
@@ -271,7 +276,8 @@ class Engine:
                     finish="eos" if last_token[row] in self.eos_ids else "length",
                     seconds=ended_at[row] if ended_at[row] is not None else total,
                     first_token_seconds=first[0],
-                    kv_bytes=self.kv_bytes_per_token * int(prompt[row] + n),
+                    kv_bytes=per_entry * int(stats["kv_entries_after"][row] + n),
+                    kv_bytes_prompt=per_entry * int(stats["kv_entries_before"][row]),
                 )
             )
         return answers

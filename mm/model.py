@@ -298,6 +298,7 @@ class VLM(PreTrainedModel):
         pad_token_id: int | None = None,
         settings: Any = None,
         on_step: Any = None,
+        stats: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy or sampled continuation of left-padded prompts; returns only the new tokens. ``settings``:
@@ -323,4 +324,5 @@ class VLM(PreTrainedModel):
             pad_token_id=pad_token_id,
             streamer=streamer,
             on_step=on_step,
+            stats=stats,
         )

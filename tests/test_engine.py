@@ -94,6 +94,7 @@ def test_answer_stats_count_tokens_and_the_real_kv_cache(engine):
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert engine.kv_bytes_per_token == held // 3
     assert answer.kv_bytes == engine.kv_bytes_per_token * (answer.prompt_tokens + answer.new_tokens)
+    assert answer.kv_bytes_prompt == engine.kv_bytes_per_token * answer.prompt_tokens
 
 
 def test_a_bad_request_fails_alone(engine):
