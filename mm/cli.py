@@ -31,6 +31,29 @@ def _setup_logging(verbose: bool) -> None:
 V2PE_HELP = (
     "V2PE: each image's visual tokens step by this (default: the model's; e.g. 0.0625 far past training)"
 )
+KV_METHOD_NAMES = ["full", "lookm", "h2o", "snapkv", "streaming", "random"]  # mm.kv_cache.KV_METHODS
+
+
+def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
+    """KV-cache compression after the prefill (mm.kv_cache)."""
+    parser.add_argument("--kv-method", choices=KV_METHOD_NAMES, default="full", help="KV-cache compression")
+    parser.add_argument(
+        "--kv-budget", type=float, default=0.2, help="kept share of each prompt (<= 1) or a token count"
+    )
+    parser.add_argument(
+        "--kv-merge",
+        choices=["pivotal", "averaged", "weighted", "none"],
+        default="pivotal",
+        help="LOOK-M's merge",
+    )
+
+
+def kv_from(args: argparse.Namespace):
+    from .kv_cache import KVCompression
+
+    if args.kv_method == "full":
+        return None
+    return KVCompression(args.kv_method, args.kv_budget, args.kv_merge)
 
 
 # -- subcommands ----------------------------------------------------------------------------------
@@ -110,6 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         blind=args.blind,
+        kv=kv_from(args),
         progress=not args.quiet,
     )
     print_metrics(metrics, title=f"{args.model} on {args.data}")
@@ -128,7 +152,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     assistant = Assistant(args.model, device=args.device, visual_delta=args.v2pe_delta)
     settings = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        kv=kv_from(args),
     )
     if args.question:
         try:
@@ -188,6 +215,88 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     )
     print(metrics_path.resolve())
     return 0
+
+
+# -- batch captioning and grounding (mm caption, mm ground; mm/batch.py) -----------------------------
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .batch import batch_command
+
+    return batch_command("caption", args)
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    from .batch import batch_command
+
+    return batch_command("ground", args)
+
+
+def add_batch_parsers(sub) -> None:
+    """``mm caption`` and ``mm ground``: the same options, plus ``--object`` for grounding."""
+    for task, func, what in (
+        ("caption", cmd_caption, "caption many images into a resumable JSONL file"),
+        ("ground", cmd_ground, "find an object in many images (boxes in pixels) into a resumable JSONL file"),
+    ):
+        b = sub.add_parser(task, help=what, description=f"{what}. A rerun skips the ids already in --out.")
+        b.add_argument(
+            "inputs",
+            nargs="+",
+            help="a folder (images, recursively), a glob, image files, a .txt path list, a JSONL/JSON "
+            "list of {id, image}, or a LLaVA .json/.jsonl",
+        )
+        b.add_argument("--model", required=True, help="model directory")
+        b.add_argument("--out", required=True, help="results JSONL (appended; accelerate: + rank files)")
+        if task == "caption":
+            b.add_argument("--prompt", help="the question (default 'Describe the image.')")
+        else:
+            b.add_argument("--prompt", help="the question template (default 'Where is the {object}?')")
+            b.add_argument("--object", help="the object to find in every image (default: each record's)")
+        b.add_argument("--batch-size", type=int, default=16, help="images per padded generate")
+        b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 caption, 32 ground")
+        b.add_argument("--draw", metavar="DIR", help="write each image with its boxes / caption drawn")
+        b.add_argument("--eval", action="store_true", help="score against the input's ground truth")
+        b.add_argument("--metrics", help="write --eval's metrics here (default: OUT's name + .metrics.json)")
+        b.add_argument("--limit", type=int, default=None, help="answer at most N more inputs in this run")
+        b.add_argument("--retry-errors", action="store_true", help="redo the inputs that got error rows")
+        b.add_argument(
+            "--image-folder", help="where a LLaVA file's relative image paths start (default: its folder)"
+        )
+        b.add_argument("--media-root", action="append", help="another folder records may point into")
+        b.add_argument("--workers", type=int, default=4, help="threads decoding the next batch's images")
+        b.add_argument("--device", default=None)
+        b.add_argument("--v2pe-delta", type=float, default=None, help=V2PE_HELP)
+        b.add_argument("--quiet", action="store_true", help="no progress bar")
+        b.set_defaults(func=func)
+
+
+# -- end of mm caption / mm ground -----------------------------------------------------------------
+
+
+# -- mm demo: the Gradio chat demo (demo/app.py) ---------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from demo.app import serve
+
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        concurrency=args.concurrency,
+        max_file_size=args.max_file_size,
+    )
+
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="chat about images in a browser (Gradio; default: the quickstart model)")
+    d.add_argument("--model", default=None, help="model directory (default ./quickstart/run/model)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best there is)")
+    d.add_argument("--concurrency", type=int, default=8, help="questions answered at once, in one batch")
+    d.add_argument("--max-file-size", default="10mb", help="largest upload (e.g. 10mb)")
+    d.set_defaults(func=cmd_demo)
+
+
+# -- end of mm demo --------------------------------------------------------------------------------
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -296,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--max-length", type=int, default=None, help="longest prompt (default: the training max_length)"
     )
+    add_kv_arguments(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -306,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--device", default=None)
     c.add_argument("--v2pe-delta", type=float, default=None, help=V2PE_HELP)
+    add_kv_arguments(c)
     c.add_argument("question", nargs="*")
     c.set_defaults(func=cmd_chat)
+    add_batch_parsers(sub)  # mm caption, mm ground
+    add_demo_parser(sub)  # mm demo
     return p
 
 

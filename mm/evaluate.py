@@ -24,6 +24,7 @@ from data.skips import NothingUsable, Skip, SkipLog
 
 from .generation import GenerationSettings
 from .inference import Engine, Request
+from .kv_cache import KVCompression
 
 
 def question_turns(rec: dict[str, Any]) -> list[dict[str, str]]:
@@ -48,16 +49,20 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
     blind: bool = False,
+    kv: KVCompression | None = None,
     progress: bool = True,
     skips: SkipLog | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and one row per record (in order), answered through ``engine`` ``batch_size`` records at a
     time. ``indices``: the records' positions in their file; ``skips`` collects the skipped ones (and
-    prints the first few)."""
+    prints the first few). ``kv``: compress each prompt's KV cache after the prefill. The metrics hold the
+    mean KV bytes of a prompt after the prefill and after compression (``kv_bytes_prompt``,
+    ``kv_bytes_kept``)."""
     indices = list(range(len(records))) if indices is None else list(indices)
     skips = skips if skips is not None else SkipLog()
     processor = engine.processor
     rows: list[dict[str, Any] | None] = [None] * len(records)
+    kv_sizes: list[tuple[int, int]] = []
     order = sorted(range(len(records)), key=lambda i: (task_of(records[i]), len(json.dumps(records[i]))))
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
@@ -81,8 +86,10 @@ def evaluate(
             continue
         budget = max_new_tokens or max(scorer_for(task_of(records[i]), scorer).max_new_tokens for i in chunk)
         for request in requests:
-            request.settings = GenerationSettings(max_new_tokens=budget)
-        predictions = [a.text for a in engine.generate(requests)]
+            request.settings = GenerationSettings(max_new_tokens=budget, kv=kv)
+        answers = engine.generate(requests)
+        kv_sizes += [(a.kv_bytes_prompt, a.kv_bytes_kept) for a in answers]
+        predictions = [a.text for a in answers]
         for i, prediction, size in zip(chunk, predictions, sizes):
             rec = records[i]
             ctx = ScoreContext(box_format=processor.box_format, image_size=size)
@@ -106,6 +113,9 @@ def evaluate(
     scored_rows = [r for r in done if "skipped" not in r]
     metrics = aggregate(scored_rows, scorer)
     metrics["scored"], metrics["skipped"] = len(scored_rows), len(done) - len(scored_rows)
+    if kv_sizes:
+        metrics["kv_bytes_prompt"] = sum(b for b, _ in kv_sizes) / len(kv_sizes)
+        metrics["kv_bytes_kept"] = sum(a for _, a in kv_sizes) / len(kv_sizes)
     return metrics, done
 
 

@@ -95,8 +95,8 @@ class Request:
 @dataclass
 class Answer:
     """A request's answer and what it cost: tokens in and out, time from its batch's start (prefill
-    included), and its KV cache: after the prefill (``kv_bytes_prompt``) and at its end, after any
-    compression (``kv_bytes``)."""
+    included), and its KV cache: after the prefill (``kv_bytes_prompt``), after any compression
+    (``kv_bytes_kept``) and at its end, with the new tokens (``kv_bytes``)."""
 
     text: str
     prompt_tokens: int
@@ -107,6 +107,7 @@ class Answer:
     first_token_seconds: float
     kv_bytes: int
     kv_bytes_prompt: int
+    kv_bytes_kept: int
 
     @property
     def tokens_per_s(self) -> float:
@@ -278,6 +279,7 @@ class Engine:
                     first_token_seconds=first[0],
                     kv_bytes=per_entry * int(stats["kv_entries_after"][row] + n),
                     kv_bytes_prompt=per_entry * int(stats["kv_entries_before"][row]),
+                    kv_bytes_kept=per_entry * int(stats["kv_entries_after"][row]),
                 )
             )
         return answers

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 MERGES = ("pivotal", "averaged", "weighted", "none")
-SCORE_CHUNK_BYTES = 256 * 2**20  # the fp32 attention block scored at once
+SCORE_CHUNK_BYTES = 512 * 2**20  # the fp32 attention logits scored at once
 
 
 @dataclass(frozen=True)
@@ -105,24 +105,27 @@ def attention_mass(
 ) -> torch.Tensor:
     """fp32 attention mass each key receives, summed over ``queries`` and over the query heads sharing a
     KV head: ``[B, H_kv, L]``. ``queries`` ``[B, H, Q, D]`` sit at columns ``query_pos`` ``[Q]`` of the
-    prompt; causal, and padding (``mask`` ``[B, L]`` == 0) neither asks nor answers. Chunked over queries."""
-    b, heads, n_q, _ = queries.shape
+    prompt; causal, and padding (``mask`` ``[B, L]`` == 0) neither asks nor answers. Chunked over queries
+    (``SCORE_CHUNK_BYTES`` of logits at a time), and the keys are never repeated per query head."""
+    b, heads, n_q, dim = queries.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    k = keys.float().repeat_interleave(group, dim=1)  # [B, H, L, D]
+    k_t = keys.float().transpose(-1, -2)  # [B, H_kv, D, L]
     key_ok = mask.bool()[:, None, None, :]
     cols = torch.arange(length, device=keys.device)
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * heads * length * 4))
-    total = torch.zeros(b, heads, length, dtype=torch.float32, device=keys.device)
+    total = torch.zeros(b, kv_heads, length, dtype=torch.float32, device=keys.device)
     for lo in range(0, n_q, chunk):
         q = queries[:, :, lo : lo + chunk].float()
+        c = q.shape[2]
         pos = query_pos[lo : lo + chunk]
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, c, L]
-        allowed = key_ok & (cols[None, None, None, :] <= pos[None, None, :, None])
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-        asks = mask.bool()[:, pos][:, None, :, None]  # a padding query contributes nothing
-        total += (probs * asks).sum(2)
-    return total.view(b, kv_heads, group, length).sum(2)
+        q = q.reshape(b, kv_heads, group * c, dim)  # a KV head's query heads side by side
+        logits = torch.matmul(q, k_t).mul_(scaling).view(b, kv_heads, group, c, length)
+        allowed = key_ok[:, :, None] & (cols[None, None, None, None, :] <= pos[None, None, None, :, None])
+        probs = logits.masked_fill_(~allowed, float("-inf")).softmax(-1).nan_to_num_(0.0)
+        asks = mask.bool()[:, pos][:, None, None, :, None]  # a padding query contributes nothing
+        total += (probs * asks).sum((2, 3))
+    return total
 
 
 class ScoreHooks:

@@ -26,6 +26,8 @@ def print_metrics(metrics: dict[str, Any], title: str = "metrics") -> None:
         if isinstance(value, dict):
             for part, v in value.items():
                 table.add_row(escape(f"  {key}[{part}]"), f"{v:.3f}")
+        elif isinstance(value, float) and key.startswith("kv_bytes"):
+            table.add_row(escape(key), f"{value / 1024:.1f} KiB")
         elif isinstance(value, float):
             table.add_row(escape(key), f"{value:.3f}")
     if "counts" in metrics:

@@ -75,6 +75,36 @@ def test_eval_writes_metrics_json(quickstart, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
 
 
+def test_eval_and_chat_compress_the_kv_cache(quickstart, tmp_path):
+    from mm.inference import Assistant
+    from mm.kv_cache import KVCompression
+
+    out, _ = quickstart
+    model_dir, data = out / "run" / "model", out / "data" / "test.json"
+    args = ["--model", str(model_dir), "--data", str(data), "--limit", "8", "--quiet"]
+    full, lookm = tmp_path / "full.json", tmp_path / "lookm.json"
+    assert mm("eval", *args, "--json", str(full)).returncode == 0
+    result = mm("eval", *args, "--json", str(lookm), "--kv-method", "lookm", "--kv-budget", "0.2")
+    assert result.returncode == 0, result.stderr
+    full, lookm = json.loads(full.read_text()), json.loads(lookm.read_text())
+    assert (
+        lookm["kv_bytes_prompt"] == full["kv_bytes_prompt"] == full["kv_bytes_kept"] > lookm["kv_bytes_kept"]
+    )
+    image = out / "data" / "images" / "test" / "test_000000.png"
+    question = "What colour is the circle?"
+    kv = ["--kv-method", "h2o", "--kv-budget", "0.3", "--max-new-tokens", "8"]
+    result = mm("chat", "--model", str(model_dir), "--image", str(image), *kv, question)
+    assert result.returncode == 0, result.stderr
+    expected = Assistant(model_dir, device="cpu").ask(
+        question, [image], max_new_tokens=8, kv=KVCompression("h2o", 0.3)
+    )
+    assert result.stdout.strip() == expected
+    bad = mm("chat", "--model", str(model_dir), "--kv-method", "lookm", "--kv-budget", "1.5", question)
+    assert (
+        bad.returncode == 2 and "KV budget must be a fraction in (0, 1] or a whole token count" in bad.stderr
+    )
+
+
 def test_chat_one_shot_prints_the_answer(quickstart):
     from mm.inference import Assistant
 

@@ -239,6 +239,7 @@ def test_the_reported_kv_size_shrinks(engine):
     keep, recent = round(0.2 * n), int(round(0.2 * n) * 0.5)
     kept = max(keep - recent, int(is_text[: n - recent].sum())) + recent  # LOOK-M's count
     assert squeezed.kv_bytes == (kept + squeezed.new_tokens) * per_token < full.kv_bytes
+    assert squeezed.kv_bytes_kept == kept * per_token and full.kv_bytes_kept == full.kv_bytes_prompt
     h2o = engine.generate(requests(KVCompression("h2o", 0.2), [0]))[0]
     assert h2o.kv_bytes == (keep + h2o.new_tokens) * per_token
 
