@@ -1,0 +1,324 @@
+"""``mm caption`` / ``mm ground`` (mm/batch.py) on a real tiny model and real ShapesWorld files: every input
+kind, resumable JSONL results, error rows for bad images, ``--draw``, ``--eval`` against a hand computation,
+two real processes sharding one input, and the ``scripts/`` wrappers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CORPUS, MM, tiny_model_section
+from PIL import Image
+
+from data.boxes import box_iou
+from data.media import load_image
+from data.shapesworld import generate
+from mm.batch import COLOURS, read_inputs, read_rows
+from mm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the tiny model is overfitted to answer, whatever the image: one test image's objects and one box.
+CAPTION = "a purple diamond and a blue cross"
+
+
+def train_model(out: Path, records: list[dict], sw: Path, box: str) -> Path:
+    """A tiny VLM overfitted to answer every caption question with CAPTION and every grounding question with
+    ``box``, so its answers (and so the expected metrics) are known; saved as users have models."""
+    from mm.build import build_tokenizer, build_vlm, make_processor, save_vlm
+
+    questions = [r["conversations"][0]["value"] for r in records]
+    torch.manual_seed(0)
+    section = tiny_model_section()
+    texts = [q.replace("<image>\n", "") for q in questions] + [CAPTION, box]
+    tokenizer = build_tokenizer(section, CORPUS + texts * 20)
+    model = build_vlm(section, tokenizer)
+    processor = make_processor(model, tokenizer)
+    features = []
+    for rec, question in zip(records, questions):
+        answer = CAPTION if rec["meta"]["task"] == "caption" else box
+        conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        features.append(processor(conv, [load_image(sw / rec["image"])]))
+    batch = processor.collate(features)
+    model.experts.requires_grad_(False)  # the answers do not depend on the image: train the LLM only (fast)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    model.experts.eval()  # BatchNorm on running statistics: training matches inference
+    for _ in range(60):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.1
+    return save_vlm(model.eval(), processor, out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """ShapesWorld (4 test images) and a model trained on the test split's caption and grounding questions."""
+    root = tmp_path_factory.mktemp("batch")
+    sw = root / "sw"
+    generate(sw, n=40, seed=0, progress=False)
+    test = json.loads((sw / "test.json").read_text())
+    wanted = [r for r in test if r["meta"]["task"] in ("caption", "ground")]
+    box = next(r for r in test if r["meta"]["task"] == "ground")["meta"]["answer"]
+    model = train_model(root / "model", wanted, sw, box)
+    return SimpleNamespace(root=root, sw=sw, model=model, test=test, box=box)
+
+
+def run(*args: str) -> int:
+    return main([*args[:1], *args[1:], "--quiet"])
+
+
+def ids(path: Path) -> list[str]:
+    return [r["id"] for r in read_rows(path)]
+
+
+def image_folder(tmp_path: Path, world) -> Path:
+    """a.png, sub/b.png, sub/c.png, plus a hidden folder's image and a text file, which are not inputs."""
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for k, name in enumerate(["a.png", "sub/b.png", "sub/c.png", ".cache/d.png"]):
+        shutil.copy(world.sw / "images" / "test" / f"test_{k:06d}.png", folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+def test_each_input_kind_is_read_with_its_ids(world, tmp_path):
+    folder = image_folder(tmp_path, world)
+    items = read_inputs([folder], "caption")
+    assert [i.id for i in items] == ["a.png", "sub/b.png", "sub/c.png"]
+    assert [i.path for i in items] == [folder / "a.png", folder / "sub/b.png", folder / "sub/c.png"]
+    assert {i.prompt for i in items} == {"Describe the image."} and all(i.truth is None for i in items)
+
+    pattern = str(folder / "sub" / "*.png")
+    assert [i.id for i in read_inputs([pattern], "caption")] == [
+        str(folder / "sub/b.png"),
+        str(folder / "sub/c.png"),
+    ]
+
+    listing = folder / "list.txt"
+    listing.write_text(f"# my images\nsub/c.png\n\n  a.png\n{folder / 'sub/b.png'}\n")
+    items = read_inputs([listing], "caption")
+    assert [i.id for i in items] == ["sub/c.png", "a.png", str(folder / "sub/b.png")]
+    assert [i.path for i in items] == [folder / "sub/c.png", folder / "a.png", folder / "sub/b.png"]
+
+    jsonl = folder / "list.jsonl"
+    rows = [
+        {"id": "first", "image": "a.png", "object": "blue cross"},
+        {"image": "sub/b.png", "object": "disc"},
+    ]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_inputs([jsonl], "ground")
+    assert [(i.id, i.path, i.label, i.prompt) for i in items] == [
+        ("first", folder / "a.png", "blue cross", "Where is the blue cross?"),
+        ("sub/b.png", folder / "sub/b.png", "disc", "Where is the disc?"),
+    ]
+    with pytest.raises(ValueError, match="no object to find"):
+        read_inputs([folder], "ground")  # grounding a folder needs --object
+    assert [i.label for i in read_inputs([folder], "ground", obj="star")] == ["star"] * 3
+
+    llava = world.sw / "test.json"
+    captions = [r for r in world.test if r["meta"]["task"] == "caption"]
+    items = read_inputs([llava], "caption")
+    assert [i.id for i in items] == [f"test_{k:06d}-caption" for k in range(4)] == [r["id"] for r in captions]
+    assert [i.prompt for i in items] == [r["conversations"][0]["value"].split("\n", 1)[1] for r in captions]
+    assert [i.path for i in items] == [world.sw / r["image"] for r in captions]
+    assert [i.truth["meta"]["objects"] for i in items] == [r["meta"]["objects"] for r in captions]
+    grounds = [r for r in world.test if r["meta"]["task"] == "ground"]
+    items = read_inputs([llava], "ground")
+    assert [(i.id, i.label) for i in items] == [(r["id"], r["meta"]["target"]) for r in grounds]
+    assert [i.truth["meta"]["box"] for i in items] == [r["meta"]["box"] for r in grounds]
+
+    with pytest.raises(ValueError, match="appears twice"):
+        read_inputs([folder, folder], "caption")
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        read_inputs([str(folder / "*.jpg")], "caption")
+
+
+# -- results, resume ----------------------------------------------------------------------------------
+def test_results_have_one_row_per_input_and_a_rerun_skips_them(world, tmp_path, capsys):
+    folder = image_folder(tmp_path, world)
+    out = tmp_path / "out" / "captions.jsonl"
+    assert (
+        run("caption", str(folder), "--model", str(world.model), "--out", str(out), "--batch-size", "2") == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a.png", "sub/b.png", "sub/c.png"]
+    assert [r["image"] for r in rows] == [
+        str(folder / "a.png"),
+        str(folder / "sub/b.png"),
+        str(folder / "sub/c.png"),
+    ]
+    assert {r["text"] for r in rows} == {CAPTION} and {tuple(r["size"]) for r in rows} == {(96, 96)}
+    assert all(r["prompt"] == "Describe the image." and r["new_tokens"] > 0 for r in rows)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())
+
+    before = out.read_bytes()
+    assert run("caption", str(folder), "--model", str(world.model), "--out", str(out)) == 0
+    assert out.read_bytes() == before
+    assert "3 input(s), 3 already in captions.jsonl, 0 to do" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_is_completed_on_rerun(world, tmp_path, capsys):
+    llava = world.sw / "test.json"
+    out = tmp_path / "captions.jsonl"
+    args = ("caption", str(llava), "--model", str(world.model), "--out", str(out), "--batch-size", "3")
+    assert run(*args, "--limit", "2") == 0
+    assert ids(out) == ["test_000000-caption", "test_000001-caption"]
+    # a kill in the middle of writing the next row: its line is cut
+    whole = json.dumps({"id": "test_000002-caption", "image": "x", "text": CAPTION}) + "\n"
+    with open(out, "ab") as f:
+        f.write(whole.encode()[:25])
+    assert run(*args) == 0
+    lines = out.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [f"test_{k:06d}-caption" for k in range(4)]
+    assert all(json.loads(line)["text"] == CAPTION for line in lines)
+    assert "dropped a cut last line (25 bytes)" in capsys.readouterr().err
+    assert run(*args) == 0  # nothing left: no duplicate
+    assert ids(out) == [f"test_{k:06d}-caption" for k in range(4)]
+
+
+def test_bad_images_give_one_error_row_each_and_the_run_goes_on(world, tmp_path, capsys):
+    good = world.sw / "images" / "test" / "test_000000.png"
+    shutil.copy(good, tmp_path / "good.png")
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # a truncated download
+    listing = tmp_path / "list.txt"
+    listing.write_text("cut.png\ngone.png\ngood.png\n")
+    out = tmp_path / "r.jsonl"
+    args = ("caption", str(listing), "--model", str(world.model), "--out", str(out))
+    assert run(*args) == 0  # some inputs answered: exit 0, the errors are rows
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ["cut.png", "gone.png", "good.png"]
+    assert str(tmp_path / "cut.png") in rows[0]["error"] and "truncated" in rows[0]["error"]
+    assert str(tmp_path / "gone.png") in rows[1]["error"] and "file not found" in rows[1]["error"]
+    assert "error" not in rows[2] and rows[2]["text"] == CAPTION
+    assert "2 input(s) could not be used" in capsys.readouterr().err
+
+    assert run(*args) == 0 and len(read_rows(out)) == 3  # error rows count as done...
+    (tmp_path / "gone.png").write_bytes(data)
+    assert run(*args, "--retry-errors") == 0  # ... unless asked to retry them
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == ["cut.png", "gone.png", "good.png"]
+    assert [r["text"] for r in rows if r["id"] == "gone.png"] == [CAPTION]
+
+    only_bad = tmp_path / "bad.txt"
+    only_bad.write_text("cut.png\n")
+    assert run("caption", str(only_bad), "--model", str(world.model), "--out", str(tmp_path / "b.jsonl")) == 1
+    assert len(read_rows(tmp_path / "b.jsonl")) == 1
+    assert run("caption", str(tmp_path / "nothing"), "--model", str(world.model), "--out", str(out)) == 2
+
+
+# -- draw, eval ---------------------------------------------------------------------------------------
+def test_ground_draws_each_box_and_label(world, tmp_path):
+    out, draw = tmp_path / "g.jsonl", tmp_path / "drawn"
+    llava = world.sw / "test.json"
+    assert run("ground", str(llava), "--model", str(world.model), "--out", str(out), "--draw", str(draw)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["text"] == world.box and len(row["boxes"]) == 1
+        drawn = Image.open(draw / f"{row['id']}.png")
+        drawn.load()
+        original = Image.open(row["image"]).convert("RGB")
+        assert drawn.size == original.size == (96, 96)
+        x0, y0, x1, y1 = row["boxes"][0]
+        middle = round((y0 + y1) / 2)
+        left = [drawn.getpixel((x, middle)) for x in range(int(x0) - 1, int(x0) + 2)]
+        assert tuple(COLOURS[0]) in left  # the box's left edge, in the first colour
+        assert drawn.getpixel((90, 90)) == original.getpixel((90, 90))  # far from the box: untouched
+
+
+def hand_recall(records: list[dict], caption: str) -> float:
+    """Object recall by hand: each object named in the caption counts, each mention once."""
+    hits = total = 0
+    for rec in records:
+        names = Counter(o["name"] for o in rec["meta"]["objects"])
+        hits += sum(min(n, caption.count(name)) for name, n in names.items())
+        total += sum(names.values())
+    return hits / total
+
+
+def test_eval_matches_a_hand_computation(world, tmp_path, capsys):
+    llava = world.sw / "test.json"
+    out = tmp_path / "c.jsonl"
+    assert run("caption", str(llava), "--model", str(world.model), "--out", str(out), "--eval") == 0
+    metrics = json.loads((tmp_path / "c.metrics.json").read_text())
+    captions = [r for r in world.test if r["meta"]["task"] == "caption"]
+    expected = hand_recall(captions, CAPTION)
+    assert 0 < expected < 1
+    assert metrics["caption_object_recall"] == pytest.approx(expected)
+    assert metrics["scored"] == 4 and metrics["skipped"] == 0 and metrics["counts"] == {"caption": 4}
+
+    out = tmp_path / "g.jsonl"
+    assert run("ground", str(llava), "--model", str(world.model), "--out", str(out), "--eval") == 0
+    metrics = json.loads((tmp_path / "g.metrics.json").read_text())
+    rows = {r["id"]: r for r in read_rows(out)}
+    ious = []
+    for rec in (r for r in world.test if r["meta"]["task"] == "ground"):
+        x0, y0, x1, y1 = (int(v) * 96 / 1000 for v in re.findall(r"\d+", rows[rec["id"]]["text"]))
+        ious.append(box_iou((x0, y0, x1, y1), rec["meta"]["box"]))
+    assert ious[0] > 0.9  # the box the model learnt is test image 0's
+    assert metrics["grounding_acc@0.5"] == pytest.approx(sum(i >= 0.5 for i in ious) / 4)
+    assert metrics["grounding_miou"] == pytest.approx(sum(ious) / 4)
+    assert "grounding_miou" in capsys.readouterr().out
+
+
+# -- accelerate-style sharding, scripts/ --------------------------------------------------------------
+def test_two_processes_shard_the_input_and_merge_in_order(world, tmp_path):
+    """Rank 0 through ``mm caption``, rank 1 through ``python scripts/caption.py``, concurrently, as
+    ``accelerate launch`` starts them (RANK / WORLD_SIZE)."""
+    if not MM.is_file():
+        pytest.skip(f"console script {MM} is not installed (pip install -e .)")
+    folder = image_folder(tmp_path, world)
+    out = tmp_path / "out" / "merged.jsonl"
+    args = [str(world.sw / "test.json"), str(folder), "--model", str(world.model)]
+    args += ["--out", str(out), "--batch-size", "4", "--quiet"]
+    commands = [[str(MM), "caption", *args], [sys.executable, str(ROOT / "scripts" / "caption.py"), *args]]
+    procs = []
+    for rank, command in enumerate(commands):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        env.update(LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+    for _, err, rc in results:
+        assert rc == 0, err
+    assert results[0][0].strip().splitlines()[-1] == str(out.resolve())  # rank 0 prints the merged file
+    assert "merged the 2 rank files" in results[0][1]
+    expected = [f"test_{k:06d}-caption" for k in range(4)] + ["a.png", "sub/b.png", "sub/c.png"]
+    assert ids(out) == expected  # every id once, in input order
+    assert {r["text"] for r in read_rows(out)} == {CAPTION}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.jsonl"]  # rank files and markers gone
+
+
+def test_scripts_ground_is_mm_ground(world, tmp_path):
+    out = tmp_path / "g.jsonl"
+    image = world.sw / "images" / "test" / "test_000000.png"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(ROOT / "scripts" / "ground.py"), str(image), "--object", "yellow object"]
+    done = subprocess.run(
+        [*command, "--model", str(world.model), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
+    [row] = read_rows(out)
+    assert row["id"] == str(image) and row["object"] == "yellow object" and row["text"] == world.box
+    assert row["prompt"] == "Where is the yellow object?" and len(row["boxes"]) == 1
