@@ -122,8 +122,9 @@ class ResumableSampler(Sampler[int]):
     """Shuffled epochs that can stop anywhere and resume at the same sample.
 
     The order of epoch ``e`` is a permutation seeded by ``(seed, e)``; with several processes each rank
-    takes every ``world_size``-th index. ``state_dict`` records the epoch and how many indices this rank has
-    yielded, so a resumed run draws exactly the batches an uninterrupted run would have drawn next.
+    takes every ``world_size``-th index, the order padded from its start so that every rank has as many.
+    ``state_dict`` records the epoch and how many indices this rank has yielded, so a resumed run draws
+    exactly the batches an uninterrupted run would have drawn next.
     """
 
     def __init__(
@@ -142,6 +143,9 @@ class ResumableSampler(Sampler[int]):
         else:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_samples, generator=g).tolist()
+        if self.world_size > 1:  # every rank the same count (DistributedSampler's rule): equal step counts
+            padded = -(-len(order) // self.world_size) * self.world_size
+            order = (order * -(-padded // len(order)))[:padded]
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:

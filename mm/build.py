@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,13 +71,21 @@ def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = Non
     )
 
 
-def save_vlm(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
-    """Write model + tokenizer + processor settings to ``out_dir`` atomically (temp dir, then rename)."""
+def save_vlm(
+    model: VLM,
+    processor: VLMProcessor,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model + tokenizer + processor settings to ``out_dir`` atomically (temp dir, then rename).
+
+    ``state_dict``: the weights to write instead of the model's own (ZeRO-3 partitions them: the trainer
+    gathers them on every rank and hands them here)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
@@ -89,11 +98,12 @@ def save_vlm(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
     return out
 
 
-def check_safetensors(path: Path) -> None:
-    """Read a safetensors file's header and check that its data is all there (cheap: no tensor is loaded)."""
+def check_safetensors(path: Path) -> list[str]:
+    """Read a safetensors file's header and check that its data is all there (cheap: no tensor is loaded);
+    returns the weight names."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return list(f.keys())
     except Exception as err:  # safetensors reports a bad header or a truncated file with its own error type
         raise ModelLoadError(f"{path}: corrupt or truncated weights file ({err})") from err
 
@@ -108,9 +118,13 @@ def load_vlm(
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise ModelLoadError(f"{model_dir}: no *.safetensors weights file")
-    for path in weights:
-        check_safetensors(path)
-    model = VLM.from_pretrained(model_dir, dtype=dtype or torch.float32, key_mapping=LEGACY_KEYS)
+    names = [name for path in weights for name in check_safetensors(path)]
+    # the legacy renaming only for legacy directories: transformers keeps a mapping it was given and, in some
+    # loads (ZeRO-3), reverts it when the model is saved again, writing the old names back
+    legacy = any(re.match(pattern, name) for pattern in LEGACY_KEYS for name in names)
+    model = VLM.from_pretrained(
+        model_dir, dtype=dtype or torch.float32, key_mapping=LEGACY_KEYS if legacy else None
+    )
     model.to(device).eval()
     processor = VLMProcessor.from_pretrained(
         model_dir, {name: expert.preprocess for name, expert in model.experts.items()}

@@ -93,11 +93,32 @@ def cmd_data_shapesworld_multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """``mm train`` and ``python -m mm.train`` (what torchrun / deepspeed / accelerate launch run)."""
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--resume-from", metavar="DIR", help="continue from this checkpoint folder (step_N)")
+    t.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's checkpoints and logs in output_dir"
+    )
+    t.add_argument(
+        "--strict", action="store_true", help="stop at a record that breaks the schema (default: skip)"
+    )
+    t.add_argument(
+        "--deepspeed", metavar="JSON", help="a DeepSpeed config (configs/deepspeed/); sets train.deepspeed"
+    )
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--quiet", action="store_true")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    overrides += [f"train.deepspeed={args.deepspeed}"] if args.deepspeed else []
     cfg = load_config(args.config, overrides)
     export = train(
         cfg,
@@ -368,17 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_data_shapesworld_multi)
 
     t = sub.add_parser("train", help="train from a YAML config")
-    t.add_argument("config", help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    t.add_argument("--resume-from", metavar="DIR", help="continue from this checkpoint folder (step_N)")
-    t.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier run's checkpoints and logs in output_dir"
-    )
-    t.add_argument(
-        "--strict", action="store_true", help="stop at a record that breaks the schema (default: skip)"
-    )
-    t.add_argument("--quiet", action="store_true")
+    add_train_arguments(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model directory on a LLaVA JSON file")

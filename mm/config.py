@@ -143,6 +143,9 @@ class TrainConfig:
     attn_implementation: str | None = None
     threads: int | None = None
     keep_checkpoints: int = 2
+    # a DeepSpeed JSON (configs/deepspeed/zero2.json ...); its "auto" fields are filled from this section.
+    # `accelerate launch --config_file configs/accelerate/zero2.yaml` names one itself.
+    deepspeed: str | None = None
 
 
 @dataclass

@@ -48,6 +48,12 @@ def mean_loss(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
     return sum(t for t, _ in terms) / sum(w for _, w in terms).clamp_min(1e-9)
 
 
+def loss_weight(terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The total weight behind ``mean_loss(terms)`` (detached): what several processes' means are weighed by
+    to make one mean over their global batch."""
+    return sum(w for _, w in terms).detach()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str = "token") -> torch.Tensor:
     """Next-token cross entropy of one batch (``"token"``: the usual HF mean over labelled tokens)."""
     return mean_loss([shifted_loss_terms(logits, labels, weighting)])

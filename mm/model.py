@@ -27,7 +27,7 @@ from projectors import ProjectorConfig, build_fusion
 from vision.experts import ExpertConfig, build_expert
 
 from .llm import cache_argument
-from .loss import mean_loss, shifted_loss_terms
+from .loss import loss_weight, mean_loss, shifted_loss_terms
 from .positions import build_position_ids, next_positions, positions_occupied, visual_offsets
 from .rope import install_precise_rotary, rotary_modules
 
@@ -237,7 +237,8 @@ class VLM(PreTrainedModel):
             **kwargs,
         )
         if labels is not None:
-            out.loss = mean_loss([shifted_loss_terms(out.logits, labels, self.loss_weighting)])
+            terms = [shifted_loss_terms(out.logits, labels, self.loss_weighting)]
+            out.loss, out.loss_weight = mean_loss(terms), loss_weight(terms)
         return out
 
     def _forward_branches(
@@ -284,7 +285,9 @@ class VLM(PreTrainedModel):
             )
         if labels is not None:
             terms.append(shifted_loss_terms(prefix.logits, labels, self.loss_weighting))
-        return CausalLMOutputWithPast(loss=mean_loss(terms))
+        out = CausalLMOutputWithPast(loss=mean_loss(terms))
+        out.loss_weight = loss_weight(terms)
+        return out
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(

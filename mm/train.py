@@ -12,14 +12,17 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import __version__ as accelerate_version
+from accelerate.utils import DeepSpeedPlugin, DistributedType, broadcast, reduce, set_seed
 from torch.utils.data import DataLoader
 
 from data.dataset import Collator, ConversationDataset, ResumableSampler
@@ -74,6 +77,53 @@ def _cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def _deepspeed_plugin(path: str | None) -> DeepSpeedPlugin | None:
+    """``train.deepspeed`` (or ``--deepspeed``): a DeepSpeed JSON for a launch that did not name one through
+    ``accelerate launch``'s config (``deepspeed``, ``torchrun``, one process)."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"train.deepspeed: no DeepSpeed config at {path}")
+    try:
+        json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({err})") from err
+    return DeepSpeedPlugin(hf_ds_config=str(path))
+
+
+def _deepspeed_launch() -> bool:
+    """``accelerate launch`` with a DeepSpeed config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def fill_deepspeed_auto(config: dict[str, Any], train_cfg: Any, world: int, hidden: int) -> dict[str, Any]:
+    """Resolve a DeepSpeed config's ``"auto"`` fields from our ``train`` section (explicit values stay):
+    micro-batch, accumulation, global batch, clipping (DeepSpeed clips; accelerate's ``clip_grad_norm_`` does
+    nothing under it), ZeRO-3's gathered 16-bit weights, which the export needs, and the bucket sizes from
+    the LLM's width (the HF Trainer's rule; our VLM config has no ``hidden_size`` for accelerate to read)."""
+    values = {
+        "train_micro_batch_size_per_gpu": train_cfg.batch_size,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "train_batch_size": train_cfg.batch_size * train_cfg.grad_accum * world,
+        "gradient_clipping": train_cfg.grad_clip or 0.0,
+    }
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    zero = config.get("zero_optimization", {})
+    buckets = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in buckets.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", "auto") == "auto":
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
 def _batch_fingerprint(ids: list[Any]) -> str:
     return hashlib.sha1(json.dumps([str(i) for i in ids]).encode()).hexdigest()[:12]
 
@@ -118,11 +168,39 @@ class Trainer:
             # DeepSpeed, which accelerate imports to save state, prints "Setting accelerator to CPU" to stdout
             # on every run without CUDA; naming the accelerator it would pick anyway keeps it quiet.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cfg.train.deepspeed and "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized():
+            # one DeepSpeed process outside a launcher: DeepSpeed needs a process group (of one), a local rank
+            os.environ.setdefault("LOCAL_RANK", "0")
+            torch.distributed.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo",
+                store=torch.distributed.HashStore(),
+                rank=0,
+                world_size=1,
+            )
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(cfg.train.mixed_precision),
             gradient_accumulation_steps=cfg.train.grad_accum,
+            deepspeed_plugin=_deepspeed_plugin(cfg.train.deepspeed),
+            # without it accelerate runs each torchrun process of a machine without a GPU on its own (and
+            # with it, it drops DeepSpeed: one DeepSpeed process on the CPU is left as it is)
+            cpu=not torch.cuda.is_available() and not cfg.train.deepspeed and not _deepspeed_launch(),
         )
         self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        # DeepSpeed calls torch.distributed's old collective names; torch warns at each call site, not ours
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if (cfg.train.deepspeed or _deepspeed_launch()) and not self.deepspeed:
+            kind = self.accelerator.distributed_type.value
+            raise ConfigError(f"DeepSpeed was asked for but accelerate set up {kind}")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world:  # e.g. DeepSpeed on a machine without GPUs: each rank would train alone
+            kind = self.accelerator.distributed_type.value
+            raise ConfigError(
+                f"launched as {launched} processes but only {self.world} joined the run ({kind}); accelerate "
+                f"{accelerate_version} runs DeepSpeed across processes only on GPUs: drop --deepspeed / "
+                "train.deepspeed, or run on GPUs"
+            )
         set_seed(cfg.train.seed)
         start = self._setup_run_dir(resume or resume_from is not None, resume_from, overwrite)
         self.skips = SkipLog(self.out / "skipped.jsonl" if self.is_main else None)
@@ -227,6 +305,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             param_groups(model, self.cfg), lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available()
         )
+        if self.deepspeed:
+            hidden = model.llm.config.get_text_config().hidden_size
+            fill_deepspeed_auto(acc.state.deepspeed_plugin.deepspeed_config, t, self.world, hidden)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.schedule = Schedule(
             t.max_steps, t.warmup_steps, t.min_lr_ratio, t.max_minutes * 60 if t.max_minutes else None
@@ -300,35 +381,72 @@ class Trainer:
             tmp = self.checkpoints.begin(self.state.step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        self.export(tmp / "export")
+        acc.wait_for_everyone()  # every rank's shards are written before the main rank seals the folder
         final = self.checkpoints.root / f"step_{self.state.step:07d}"
         if self.is_main:
-            save_vlm(acc.unwrap_model(self.model), self.processor, tmp / "export")
             final = self.checkpoints.commit(self.state.step)
         acc.wait_for_everyone()
         return final
 
-    def _step(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        """One micro-batch; returns the log record when it completed an optimizer step."""
+    def export(self, out: Path) -> None:
+        """The model as one HF directory. Every rank takes part: ZeRO-3 gathers the partitioned weights."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model) if self.deepspeed else None
+        if self.is_main:
+            save_vlm(acc.unwrap_model(self.model), self.processor, out, state_dict=state_dict)
+
+    # -- agreement between ranks (no-ops in one process) -------------------------------------------------
+    def _shared_clock(self, elapsed: float) -> float:
+        """Rank 0's clock for every rank: the schedule and the stop decision follow one time."""
+        if self.world == 1:
+            return elapsed
+        return float(broadcast(torch.tensor([elapsed], dtype=torch.float64, device=self.accelerator.device)))
+
+    def _all_ranks(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (one collective)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        summed = reduce(torch.tensor([float(v) for v in values], device=self.accelerator.device), "sum")
+        return summed.tolist()
+
+    def _step(self, batch: dict[str, Any], global_ids: int) -> dict[str, Any] | None:
+        """One micro-batch (``global_ids`` records over all ranks); returns the log record when it completed
+        an optimizer step."""
         cfg, acc, state = self.cfg.train, self.accelerator, self.state
         with acc.accumulate(self.model):
             lr_factor = self._set_lr()
             with acc.autocast():
-                loss = self.model(**_to_device(batch, acc.device)).loss
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.grad_clip:
+                out = self.model(**_to_device(batch, acc.device))
+            loss, weight = out.loss, out.loss_weight.float()
+            if self.world > 1:
+                # Ranks average gradients; weighing each rank's mean by its share of the global batch's
+                # weight (labelled tokens or answers) makes that average the gradient of one global mean,
+                # as one process with the whole batch would take.
+                total = reduce(weight.clone(), "sum").clamp_min(1e-9)
+                acc.backward(loss * (weight * self.world / total))
+            else:
+                acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip and not self.deepspeed:  # DeepSpeed clips (its config)
                 acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        state.samples += len(batch["ids"])
+        # the logged loss: every micro-batch of the step, every rank, weighed (no sync until the step ends)
+        self._loss_sum = self._loss_sum + loss.detach().float() * weight
+        self._weight_sum = self._weight_sum + weight
+        state.samples += global_ids
         self._window_tokens += int(batch["attention_mask"].sum())  # the CPU copy: no device sync
         if "branches" in batch:
             self._window_tokens += int(batch["branches"].attention_mask.sum())
         if not acc.sync_gradients:
             return None
         state.step += 1
+        sums = torch.stack([self._loss_sum, self._weight_sum])
+        sums = reduce(sums, "sum") if self.world > 1 else sums
+        self._loss_sum = self._weight_sum = torch.zeros((), device=acc.device)
         record = {
             "step": state.step,
-            "loss": float(loss.detach()),  # one sync per optimizer step, only for logging
+            "loss": float(sums[0] / sums[1].clamp_min(1e-9)),  # one sync per optimizer step
             "lr": lr_factor * cfg.lr,
             "samples": state.samples,
             "elapsed": round(state.elapsed, 3),
@@ -356,6 +474,7 @@ class Trainer:
         bar = Progress(self.schedule, state, f"train[{cfg.stage}]", self.progress and self.is_main)
         start = time.perf_counter() - state.elapsed
         self._window_tokens, self._window_start = 0, time.perf_counter()
+        self._loss_sum = self._weight_sum = torch.zeros((), device=self.accelerator.device)
         loss_ema = None
         while not self._done():
             self.sampler.load_state_dict({"epoch": state.epoch, "position": state.consumed, "seed": cfg.seed})
@@ -364,8 +483,13 @@ class Trainer:
                 self.skips.extend(batch["skipped"])
                 state.consumed += len(batch["ids"]) + len(batch["skipped"])
                 used += len(batch["ids"])
-                record = self._step(batch) if batch["ids"] else None
-                state.elapsed = time.perf_counter() - start
+                # every rank steps or none does: a rank whose whole batch was unusable would otherwise
+                # leave the others waiting in a collective
+                empty_ranks, global_ids = self._all_ranks(not batch["ids"], len(batch["ids"]))
+                if empty_ranks and batch["ids"]:
+                    log.warning("step skipped on every rank: another rank's whole batch was unusable")
+                record = self._step(batch, int(global_ids)) if not empty_ranks else None
+                state.elapsed = self._shared_clock(time.perf_counter() - start)
                 if record is not None:
                     loss_ema = record["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * record["loss"]
                     if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -379,7 +503,7 @@ class Trainer:
                 if self._done():
                     break
             else:
-                if full_pass and used == 0:
+                if full_pass and self._all_ranks(used)[0] == 0:
                     total = self.train_file.total
                     raise NothingUsable(f"nothing to train on: {self.skips.summary('train', total)}")
                 state.epoch, state.consumed = state.epoch + 1, 0
@@ -393,8 +517,8 @@ class Trainer:
             self.log.write({"step": self.state.step, "val_loss": val, "final": True})
         self.save_checkpoint()
         export = self.out / "model"
+        self.export(export)
         if self.is_main:
-            save_vlm(self.accelerator.unwrap_model(self.model), self.processor, export)
             for split, total in (("train", self.train_file.total), ("val", None)):
                 if self.skips.count(split):
                     log.warning(self.skips.summary(split, total))
@@ -415,3 +539,15 @@ def train(
     return Trainer(
         cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, progress=progress
     ).train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mm.train CONFIG [overrides] [--deepspeed JSON]``: the module that ``torchrun``,
+    ``deepspeed`` and ``accelerate launch`` start on every rank (the same options as ``mm train``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
