@@ -82,7 +82,7 @@ def train_one(args: argparse.Namespace) -> None:
             "output_dir": str(args.out / "runs" / args.train),
             "stage": "sft",
             "train_experts": True,
-            "batch_size": 32,
+            "batch_size": args.batch_size,
             "lr": 1e-3,
             "warmup_steps": args.warmup,
             "max_steps": args.steps,
@@ -224,6 +224,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--llm", choices=sorted(LLMS), default="quickstart", help="the LLM's size")
     ap.add_argument("--warmup", type=int, default=50, help="warmup steps")
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch")
     ap.add_argument("--pool", type=int, default=20000, help="rendered training scenes")
     ap.add_argument("--eval-pool", type=int, default=2000, help="rendered scenes per val / test split")
     ap.add_argument("--train-records", type=int, default=40000)
@@ -268,7 +269,7 @@ def main() -> None:
     )
     print(f"data in {time.perf_counter() - t0:.0f} s", flush=True)
     common = ["--out", str(args.out), "--steps", str(args.steps), "--seed", str(args.seed), "--llm", args.llm]
-    common += ["--warmup", str(args.warmup)]
+    common += ["--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     common += ["--init-from", args.init_from] if args.init_from else []
     t1 = time.perf_counter()
     codes = run_all([["--train", m, *common] for m in ("plain", "v2pe")], 2, args.out / "logs")
