@@ -25,6 +25,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # full-size CSWin-T and Swin-T on the CPU (~50 s): pytest -m slow
 def test_cli_tiny_run_writes_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
     models = "cswin_tiny_224,swin_tiny_patch4_window7_224,no_such_model"
@@ -106,6 +107,7 @@ def test_cuda_graph_mode_refuses_a_cpu_device():
         bench.main([*TINY_ARGS, "--cuda-graph", "--models", "test_vit"])
 
 
+@pytest.mark.slow  # three rounds of a full-size Swin-T on the CPU (~45 s): pytest -m slow
 def test_interleaved_rounds_report_medians_and_record_failures():
     """--rounds: every model is timed once per round; speeds and ratios are medians over the rounds."""
     bench = load_bench()

@@ -22,7 +22,8 @@ from conftest import tiny_run_model
 from safetensors.torch import load_file
 
 from data.dataset import ResumableSampler
-from mm.train import fill_deepspeed_auto
+from mm.config import load_config
+from mm.train import fill_deepspeed_auto, train
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -85,10 +86,12 @@ def runs(tmp_path_factory):
         )
         assert ran.returncode == 0, ran.stderr[-3000:]
 
-    # every run starts from the same saved weights (ZeRO-3 builds models partitioned: another random init)
-    one_process(f"train.output_dir={root / 'init'}", "train.max_steps=0")
-    init = f"model.init_from={root / 'init' / 'model'}"
-    one_process(init)
+    # every run starts from the same saved weights (ZeRO-3 builds models partitioned: another random init);
+    # the one-process runs without DeepSpeed run in this process (the same Trainer, no start-up cost)
+    start = [f"train.output_dir={root / 'init'}", "train.max_steps=0"]
+    initial = train(load_config(config, start), progress=False)
+    init = f"model.init_from={initial}"
+    train(load_config(config, [init]), progress=False)
 
     # two processes, each half of the same global batch of 4, SIGKILLed at a random step, then resumed
     two = root / "two"
