@@ -77,10 +77,12 @@ def requests(length: int, batch: int, kv, new: int):
     ]
 
 
-def run_cell(engine, length: int, batch: int, method: str, budget: float, new: int, device) -> dict:
+def run_cell(
+    engine, length: int, batch: int, method: str, budget: float, new: int, device, queries: int | None = None
+) -> dict:
     from mm.kv_cache import KVCompression
 
-    kv = None if method == "full" else KVCompression(method, budget)
+    kv = None if method == "full" else KVCompression(method, budget, queries=queries)
     reqs = requests(length, batch, kv, new)
     prepared = engine._batch(reqs)
     stamps: list[float] = []
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--new", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--queries", type=int, default=None, help="LOOK-M / H2O score with this many queries")
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--heads", type=int, default=12)
@@ -155,7 +158,7 @@ def main() -> None:
             base = None
             for method in ["full", *[m for m in args.methods if m != "full"]]:
                 try:
-                    row = run_cell(engine, length, batch, method, args.budget, args.new, device)
+                    row = run_cell(engine, length, batch, method, args.budget, args.new, device, args.queries)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"{length:>9} {batch:>9} {method:>9} out of memory", flush=True)

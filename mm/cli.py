@@ -46,6 +46,12 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
         default="pivotal",
         help="LOOK-M's merge",
     )
+    parser.add_argument(
+        "--kv-queries",
+        type=int,
+        default=None,
+        help="LOOK-M / H2O score with this many evenly spaced prompt queries (default: all, as the papers)",
+    )
 
 
 def kv_from(args: argparse.Namespace):
@@ -53,7 +59,7 @@ def kv_from(args: argparse.Namespace):
 
     if args.kv_method == "full":
         return None
-    return KVCompression(args.kv_method, args.kv_budget, args.kv_merge)
+    return KVCompression(args.kv_method, args.kv_budget, args.kv_merge, queries=args.kv_queries)
 
 
 # -- subcommands ----------------------------------------------------------------------------------

@@ -138,9 +138,14 @@ def generate(
     embeds = model.embed(input_ids, pixel_values)
     cache = DynamicCache(config=model.llm.config)
     specs = [None if s.kv is None or s.kv.is_full else s.kv for s in settings]
+    scored = [s for s in specs if s is not None and s.scores]
+    # one scoring per kind for the whole batch: the widest window, and every query if any row asks for all
+    max_queries = (
+        None if any(s.queries is None for s in scored) else max((s.queries for s in scored), default=None)
+    )
     hooks = {
-        kind: ScoreHooks(model.llm, cache, attention_mask, kind, max(s.window for s in specs if s))
-        for kind in {s.scores for s in specs if s is not None and s.scores}
+        kind: ScoreHooks(model.llm, cache, attention_mask, kind, max(s.window for s in scored), max_queries)
+        for kind in {s.scores for s in scored}
     }
     try:
         out = model.run_llm(

@@ -41,7 +41,9 @@ class KVCompression:
     """What to keep after the prefill. ``budget``: a fraction of each row's prompt (0 < b <= 1) or a token
     count (an int > 1), per layer and KV head. ``recent``: the share of the budget that is the most recent
     tokens (LOOK-M and H2O use half: the paper's 10% + 10%). ``window``: SnapKV's observation window and
-    pooling ``kernel``; ``sinks``: StreamingLLM's first tokens; ``seed``: ``random``'s draw."""
+    pooling ``kernel``; ``sinks``: StreamingLLM's first tokens; ``seed``: ``random``'s draw. ``queries``:
+    LOOK-M / H2O score with at most this many prompt queries, evenly spaced and always the last (None: every
+    query, as the papers do; scoring with all of them costs 1.5-4.6x the prefill on a CPU, BENCHMARKS.md)."""
 
     method: str = "full"
     budget: float = 1.0
@@ -51,6 +53,7 @@ class KVCompression:
     kernel: int = 5
     sinks: int = 4
     seed: int = 0
+    queries: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in KV_METHODS:
@@ -63,6 +66,8 @@ class KVCompression:
             raise ValueError(f"KV merge {self.merge!r}: choose from {list(MERGES)}")
         if not 0 <= self.recent <= 1:
             raise ValueError(f"KV recent share must be in [0, 1], got {self.recent}")
+        if self.queries is not None and self.queries < 1:
+            raise ValueError(f"KV scoring queries must be a positive count or None, got {self.queries}")
 
     def keep_count(self, length: int) -> int:
         """Entries a row of ``length`` prompt tokens keeps (at least one)."""
@@ -131,10 +136,20 @@ def attention_mass(
 class ScoreHooks:
     """Forward hooks that score every layer's cached keys during the prefill (then remove themselves).
 
-    ``scores[layer]``: ``[B, H_kv, L]`` fp32, from ``all`` prompt queries or the last ``window`` ones."""
+    ``scores[layer]``: ``[B, H_kv, L]`` fp32, from ``all`` prompt queries (at most ``max_queries`` of them,
+    evenly spaced, the last included) or the last ``window`` ones."""
 
-    def __init__(self, llm: torch.nn.Module, cache: Any, mask: torch.Tensor, queries: str, window: int = 32):
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        cache: Any,
+        mask: torch.Tensor,
+        queries: str,
+        window: int = 32,
+        max_queries: int | None = None,
+    ):
         self.cache, self.mask, self.queries, self.window = cache, mask, queries, window
+        self.max_queries = max_queries
         self.scores: dict[int, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in attention_modules(llm)]
 
@@ -146,8 +161,12 @@ class ScoreHooks:
             return
         start = 0 if self.queries == "all" else max(0, length - self.window)
         pos = torch.arange(start, length, device=hidden.device)
+        if self.queries == "all" and self.max_queries and self.max_queries < length:
+            pos = (
+                torch.linspace(0, length - 1, self.max_queries, device=hidden.device).round().long().unique()
+            )
         with torch.no_grad():
-            q = _queries(module, hidden[:, start:], cos[:, start:], sin[:, start:])
+            q = _queries(module, hidden[:, pos], cos[:, pos], sin[:, pos])
             keys = self.cache.layers[module.layer_idx].keys
             self.scores[module.layer_idx] = attention_mass(q, keys, pos, self.mask, module.scaling)
 

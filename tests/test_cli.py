@@ -92,11 +92,11 @@ def test_eval_and_chat_compress_the_kv_cache(quickstart, tmp_path):
     )
     image = out / "data" / "images" / "test" / "test_000000.png"
     question = "What colour is the circle?"
-    kv = ["--kv-method", "h2o", "--kv-budget", "0.3", "--max-new-tokens", "8"]
+    kv = ["--kv-method", "h2o", "--kv-budget", "0.3", "--kv-queries", "16", "--max-new-tokens", "8"]
     result = mm("chat", "--model", str(model_dir), "--image", str(image), *kv, question)
     assert result.returncode == 0, result.stderr
     expected = Assistant(model_dir, device="cpu").ask(
-        question, [image], max_new_tokens=8, kv=KVCompression("h2o", 0.3)
+        question, [image], max_new_tokens=8, kv=KVCompression("h2o", 0.3, queries=16)
     )
     assert result.stdout.strip() == expected
     bad = mm("chat", "--model", str(model_dir), "--kv-method", "lookm", "--kv-budget", "1.5", question)

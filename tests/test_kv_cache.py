@@ -208,12 +208,14 @@ def test_scores_equal_eager_attention_probabilities(engine):
 
         cache = DynamicCache(config=llm.config)
         hooks = ScoreHooks(llm, cache, mask, "all")
+        few = ScoreHooks(llm, cache, mask, "all", max_queries=5)  # 5 evenly spaced queries, the last included
         with torch.no_grad():
             out = engine.model.run_llm(
                 cache=cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                 use_cache=True, output_attentions=True,
             )  # fmt: skip
         hooks.remove()
+        few.remove()
         for layer, probs in enumerate(out.attentions):  # [B, H, L, L]
             b, h, length, _ = probs.shape
             ask = mask.bool()[:, None, :, None]
@@ -221,8 +223,22 @@ def test_scores_equal_eager_attention_probabilities(engine):
             assert torch.allclose(
                 hooks.scores[layer] * mask[:, None, :], expected * mask[:, None, :], atol=1e-5
             )
+            rows = torch.tensor([round(i * (length - 1) / 4) for i in range(5)])
+            assert rows[-1] == length - 1
+            sampled = (probs.float() * ask)[:, :, rows].sum(2).view(b, 2, h // 2, length).sum(2)
+            assert torch.allclose(few.scores[layer] * mask[:, None, :], sampled * mask[:, None, :], atol=1e-5)
     finally:
         llm.set_attn_implementation("sdpa")
+
+
+def test_fewer_scoring_queries_still_keep_the_budget_and_the_text(engine):
+    full = engine.generate(requests(None))
+    few = engine.generate(requests(KVCompression("lookm", 0.3, queries=8)))
+    assert any(a.visual_tokens for a in full)
+    for a, b in zip(full, few):  # LOOK-M keeps all text: only a prompt with images shrinks
+        assert (b.kv_bytes_kept < a.kv_bytes_prompt) == bool(a.visual_tokens) and b.new_tokens > 0
+    with pytest.raises(ValueError, match="scoring queries must be a positive count"):
+        KVCompression("h2o", 0.2, queries=0)
 
 
 def test_the_reported_kv_size_shrinks(engine):
