@@ -182,8 +182,11 @@ class Trainer:
             gradient_accumulation_steps=cfg.train.grad_accum,
             deepspeed_plugin=_deepspeed_plugin(cfg.train.deepspeed),
             # without it accelerate runs each torchrun process of a machine without a GPU on its own (and
-            # with it, it drops DeepSpeed: one DeepSpeed process on the CPU is left as it is)
-            cpu=not torch.cuda.is_available() and not cfg.train.deepspeed and not _deepspeed_launch(),
+            # with it, it drops DeepSpeed); one process keeps accelerate's own choice (MPS on a Mac)
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not torch.cuda.is_available()
+            and not cfg.train.deepspeed
+            and not _deepspeed_launch(),
         )
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
