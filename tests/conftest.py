@@ -79,6 +79,20 @@ def tiny_processor(tiny_vlm):
     return tiny_vlm[1]
 
 
+def overfit(model, batch: dict, steps: int, lr: float) -> float:
+    """Train ``model`` on one collated ``batch`` (its trainable parameters, AdamW); returns the last loss.
+    Experts stay in eval mode: BatchNorm on running statistics, so training matches inference."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    model.experts.eval()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()
+
+
 def solid_image(colour=(255, 0, 0), size=(80, 60)) -> Image.Image:
     return Image.new("RGB", size, colour)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, MM, tiny_model_section
+from conftest import CORPUS, MM, overfit, tiny_model_section
 from PIL import Image
 
 from demo.shapes_examples import load_examples
@@ -43,15 +43,7 @@ def make_box_model(out_dir: Path) -> Path:
         {"from": "gpt", "value": GROUND_ANSWER},
     ]
     batch = processor.collate([processor(conv, [image])])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    model.experts.eval()  # BatchNorm on running statistics: training matches inference
-    for _ in range(80):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.1
+    assert overfit(model, batch, steps=80, lr=3e-3) < 0.1
     return save_vlm(model.eval(), processor, out_dir)
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CORPUS, MM, tiny_model_section
+from conftest import CORPUS, MM, overfit, tiny_model_section
 from PIL import Image
 
 from data.boxes import box_iou
@@ -49,15 +49,7 @@ def train_model(out: Path, records: list[dict], sw: Path, box: str) -> Path:
         features.append(processor(conv, [load_image(sw / rec["image"])]))
     batch = processor.collate(features)
     model.experts.requires_grad_(False)  # the answers do not depend on the image: train the LLM only (fast)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    model.experts.eval()  # BatchNorm on running statistics: training matches inference
-    for _ in range(60):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.1
+    assert overfit(model, batch, steps=60, lr=5e-3) < 0.1
     return save_vlm(model.eval(), processor, out)
 
 

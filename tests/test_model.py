@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, solid_image
+from conftest import build_tiny, overfit, solid_image
 
 from mm.build import load_vlm, save_vlm
 
@@ -36,16 +36,9 @@ def saved_dir(tmp_path_factory):
     model, proc = build_tiny(seed=6)
     conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": ANSWER}]
     batch = proc.collate([proc(conv, [solid_image((255, 0, 0))])])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    model.experts.eval()  # BatchNorm on running statistics: training matches inference
-    for _ in range(80):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    loss = overfit(model, batch, steps=80, lr=3e-3)
     model.eval()
-    assert loss.item() < 0.1
+    assert loss < 0.1
     return save_vlm(model, proc, tmp_path_factory.mktemp("vlm") / "model")
 
 
