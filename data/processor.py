@@ -3,7 +3,11 @@
 Each ``<image>`` placeholder (any number per conversation, interleaved with text) tokenizes to one id and is
 then expanded to exactly ``tokens_per_image`` copies — the number of visual embeddings the model will scatter
 there. Labels train only assistant turns. Each expert has its own pixel preprocessing; an image is decoded
-once and handed to every expert's transform. Video frames will enter the same way (one placeholder each).
+once and handed to every expert's transform. Each ``<video>`` expands to ``tokens_per_video`` copies of its
+own id; its ``frames_per_video`` frames (``data.video_frames``) go through the same transforms. A collated
+batch carries them in ``pixel_values`` beside the images, under ``video:<expert>`` (``[V, F, 3, S, S]``,
+videos in placeholder order), so every path that moves pixels moves them too; the model pools them into
+those tokens (``mm.video``).
 Multi-turn one-image records can train as single-turn branches on one shared prefix (``tokenize_branched``):
 the collated batch then carries the branches as a ``BranchBatch`` beside the prefix rows.
 """
@@ -18,15 +22,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .boxes import BoxFormat
-from .templates import IGNORE_INDEX, IMAGE_TOKEN, llava_to_messages, tokenize_conversation
-from .tokenizer import ensure_image_token
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, llava_to_messages, tokenize_conversation
+from .tokenizer import ensure_image_token, ensure_video_token
+from .video import Video
+from .video_frames import VideoSettings, frames_of, load_frames
 
 PROCESSOR_FILE = "mm_processor.json"
 ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
+VideoInput = str | os.PathLike | Video | np.ndarray  # a file, a decoded clip, or frames [N, H, W, 3]
+VIDEO_PIXELS = "video:"  # pixel_values key prefix of video frames: "video:<expert>" -> [V, F, 3, S, S]
 
 
 def _pad(rows: Sequence[Sequence[int] | torch.Tensor], fill: int, side: str = "right") -> torch.Tensor:
@@ -95,7 +104,14 @@ class VLMProcessor:
         system_prompt: str | None = None,
         max_length: int | None = None,
         box_format: BoxFormat | None = None,
+        tokens_per_video: int | None = None,
+        video_offsets: Sequence[float] | None = None,
+        video_segments: int = 1,
+        video: VideoSettings | None = None,
     ):
+        """``tokens_per_video`` / ``video_offsets`` / ``video_segments``: the model's
+        (``VLM.tokens_per_video``, its offsets, ``model.video.segments``); ``video``: how files become frames
+        (``data.video``). Without ``tokens_per_video`` the processor refuses ``<video>``."""
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
         self.tokenizer = tokenizer
@@ -115,6 +131,35 @@ class VLMProcessor:
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.box_format = box_format or BoxFormat()  # how the model writes boxes (data.box_format)
+        self.video_token_id = ensure_video_token(tokenizer)
+        self.tokens_per_video = tokens_per_video
+        self.video_offsets = [float(v) for v in (video_offsets or range(1, (tokens_per_video or 0) + 1))]
+        if tokens_per_video is not None and len(self.video_offsets) != tokens_per_video:
+            raise ValueError(
+                f"video_offsets has {len(self.video_offsets)} entries for {tokens_per_video} tokens"
+            )
+        self.video_segments = video_segments
+        self.video = video or VideoSettings()
+
+    @property
+    def video(self) -> VideoSettings:
+        """How a video file becomes frames (``data.video``); each video gives the model this many frames, at
+        least one per segment the model pools."""
+        return self._video
+
+    @video.setter
+    def video(self, settings: VideoSettings) -> None:
+        if settings.frames_per_video < self.video_segments:
+            raise ValueError(
+                f"data.video gives {settings.frames_per_video} frame(s) per video, fewer than the model's "
+                f"{self.video_segments} temporal segments (model.video.segments)"
+            )
+        self._video = settings
+
+    @property
+    def positions_per_video(self) -> int:
+        """LLM positions one video occupies at ``delta`` (0 for a model without video)."""
+        return math.ceil(self.delta * max(self.video_offsets)) if self.video_offsets else 0
 
     @property
     def positions_per_image(self) -> int:
@@ -134,20 +179,26 @@ class VLMProcessor:
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         out_ids: list[int] = []
         out_labels: list[int] = []
-        n = self.tokens_per_image
+        counts = {self.image_token_id: self.tokens_per_image, self.video_token_id: self.tokens_per_video}
         for tok, lab in zip(ids, labels):
-            if tok == self.image_token_id:
-                out_ids.extend([tok] * n)
-                out_labels.extend([IGNORE_INDEX] * n)
+            if tok in counts:
+                out_ids.extend([tok] * counts[tok])
+                out_labels.extend([IGNORE_INDEX] * counts[tok])
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)
         return out_ids, out_labels
 
     def tokenize(
-        self, conversation: Sequence[Mapping[str, Any]], num_images: int, *, for_generation: bool = False
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        num_images: int,
+        *,
+        num_videos: int = 0,
+        for_generation: bool = False,
     ) -> dict[str, list[int]]:
-        """Token ids and labels with placeholders expanded; checks placeholder count == ``num_images``."""
+        """Token ids and labels with placeholders expanded; checks placeholder counts == ``num_images`` /
+        ``num_videos``."""
         messages = self._messages(conversation)
         if for_generation and messages and messages[-1]["role"] == "assistant":
             raise ValueError("a prompt for generation must end with a user turn, not an assistant reply")
@@ -159,21 +210,31 @@ class VLMProcessor:
             raise ValueError(
                 f"conversation has {found} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given"
             )
+        found = enc["input_ids"].count(self.video_token_id)
+        if found != num_videos:
+            raise ValueError(
+                f"conversation has {found} {VIDEO_TOKEN} placeholder(s) but {num_videos} video(s) were given"
+            )
+        if num_videos and self.tokens_per_video is None:
+            raise ValueError(
+                f"this processor has no video settings (tokens_per_video): cannot take {VIDEO_TOKEN}"
+            )
         ids, labels = self._expand(enc["input_ids"], enc["labels"])
         if self.max_length is not None and len(ids) > self.max_length:
-            if ids[self.max_length :].count(self.image_token_id) or (
-                not for_generation and all(lab == IGNORE_INDEX for lab in labels[: self.max_length])
-            ):
+            cut = {self.image_token_id, self.video_token_id} & set(ids[self.max_length :])
+            if cut or (not for_generation and all(lab == IGNORE_INDEX for lab in labels[: self.max_length])):
                 raise ValueError(
                     f"sequence of {len(ids)} tokens exceeds max_length={self.max_length} and truncating it "
-                    "would cut an image or every assistant token"
+                    "would cut an image, a video or every assistant token"
                 )
             if for_generation:
                 raise ValueError(f"prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": ids, "labels": labels}
 
-    def tokenize_branched(self, conversation: Sequence[Mapping[str, Any]], num_images: int) -> dict[str, Any]:
+    def tokenize_branched(
+        self, conversation: Sequence[Mapping[str, Any]], num_images: int, num_videos: int = 0
+    ) -> dict[str, Any]:
         """A multi-turn, one-image conversation as independent single-turn branches on a shared prefix.
 
         Each (question, answer) pair becomes the single-turn chat ``<image>\n{question} -> {answer}``; the
@@ -182,8 +243,10 @@ class VLMProcessor:
         each branch on its KV cache at the positions a single-turn prompt would have: one image encoding
         serves every question, and no answer can be copied from another turn (the eval setting is
         single-turn). Conversations that do not fit the pattern (several images, images after the first
-        turn, a single turn) come back as ``tokenize`` gives them, without ``branches``.
+        turn, a single turn, any video) come back as ``tokenize`` gives them, without ``branches``.
         """
+        if num_videos:
+            return self.tokenize(conversation, num_images, num_videos=num_videos)
         turns = [t for t in conversation if t.get("from", t.get("role")) not in ("system",)]
         first = turns[0]["value"] if turns and "value" in turns[0] else None
         pairs = len(turns) // 2
@@ -240,22 +303,54 @@ class VLMProcessor:
         """Decoded images -> ``{expert name: [num_images, 3, S, S]}`` (each expert's own preprocessing)."""
         return {name: fn(list(images)) for name, fn in self.image_transforms.items()}
 
+    # -- videos ---------------------------------------------------------------------------------------
+    def load_video(self, video: VideoInput) -> np.ndarray:
+        """A file (decoded by ``self.video``'s sampling), a decoded ``Video`` or frames -> the model's
+        ``frames_per_video`` frames, uint8 ``[F, H, W, 3]``; an unreadable file raises ``MediaError``."""
+        if isinstance(video, (str, os.PathLike)):
+            return load_frames(video, self.video)
+        return frames_of(video, self.video)
+
+    def video_pixels(self, videos: Sequence[VideoInput]) -> dict[str, torch.Tensor]:
+        """Videos -> ``{expert name: [num_videos, F, 3, S, S]}``: every frame through each expert's transform,
+        as an image."""
+        clips = [self.load_video(v) for v in videos]
+        frames = [Image.fromarray(frame) for clip in clips for frame in clip]
+        out = {}
+        for name, fn in self.image_transforms.items():
+            pixels = fn(frames)
+            out[name] = pixels.reshape(len(clips), self.video.frames_per_video, *pixels.shape[1:])
+        return out
+
+    def token_counts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Visual tokens per medium of a batch (``{"image": n, "video": n}``, real tokens only)."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask > 0
+        return {
+            "image": int(((input_ids == self.image_token_id) & real).sum()),
+            "video": int(((input_ids == self.video_token_id) & real).sum()),
+        }
+
     def __call__(
         self,
         conversation: Sequence[Mapping[str, Any]],
         images: Sequence[Image.Image] = (),
         *,
+        videos: Sequence[VideoInput] = (),
         for_generation: bool = False,
     ) -> dict[str, Any]:
-        features: dict[str, Any] = self.tokenize(conversation, len(images), for_generation=for_generation)
+        features: dict[str, Any] = self.tokenize(
+            conversation, len(images), num_videos=len(videos), for_generation=for_generation
+        )
         features["pixel_values"] = self.pixels(images) if images else None
+        features["video_values"] = self.video_pixels(videos) if videos else None
         return features
 
     # -- batching -------------------------------------------------------------------------------------
     def collate(
         self, features: Sequence[Mapping[str, Any]], *, padding_side: str = "right", branch_groups: int = 2
     ) -> dict[str, Any]:
-        """Pad to the longest sequence; concatenate pixels of all images in placeholder order.
+        """Pad to the longest sequence; concatenate pixels of all images (and, under ``video:<expert>``, the
+        frames of all videos) in placeholder order.
 
         Features from ``tokenize_branched`` add ``branches`` (a ``BranchBatch``); ``labels`` is then None when
         no prefix token is labelled (the usual case), so the model skips the prefix rows' LM head.
@@ -270,11 +365,9 @@ class VLMProcessor:
             IGNORE_INDEX,
             padding_side,
         )
-        # V2PE: each image's delta, [rows, most images in a row] (a feature's own draw, else ``delta``)
-        counts = [
-            int((torch.as_tensor(f["input_ids"]) == self.image_token_id).sum()) // self.tokens_per_image
-            for f in features
-        ]
+        # V2PE: each visual block's delta (images and videos in placeholder order), [rows, most blocks in a
+        # row] (a feature's own draw, else ``delta``)
+        counts = [self._blocks(f["input_ids"]) for f in features]
         deltas = torch.full((len(features), max([1, *counts])), self.delta, dtype=torch.float64)
         for row, f in enumerate(features):
             if f.get("image_deltas"):
@@ -283,6 +376,10 @@ class VLMProcessor:
         with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
         if with_pixels:
             pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
+        with_videos = [f["video_values"] for f in features if f.get("video_values")]
+        if with_videos:
+            videos = {VIDEO_PIXELS + n: torch.cat([v[n] for v in with_videos]) for n in with_videos[0]}
+            pixel_values = {**(pixel_values or {}), **videos}
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -303,6 +400,14 @@ class VLMProcessor:
                 batch["labels"] = None
         return batch
 
+    def _blocks(self, ids: Sequence[int] | torch.Tensor) -> int:
+        """Visual blocks (images + videos) in one row of token ids."""
+        ids = torch.as_tensor(ids)
+        images = int((ids == self.image_token_id).sum()) // self.tokens_per_image
+        if not self.tokens_per_video:
+            return images
+        return images + int((ids == self.video_token_id).sum()) // self.tokens_per_video
+
     # -- persistence ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         return {
@@ -314,6 +419,11 @@ class VLMProcessor:
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
             "box_format": {"frame": self.box_format.frame, "template": self.box_format.template},
+            "video_token": VIDEO_TOKEN,
+            "tokens_per_video": self.tokens_per_video,
+            "video_offsets": self.video_offsets,
+            "video_segments": self.video_segments,
+            "video": self.video.to_dict(),
         }
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -351,4 +461,9 @@ class VLMProcessor:
             system_prompt=settings.get("system_prompt"),
             max_length=settings.get("max_length"),
             box_format=BoxFormat(**box_format) if box_format else None,
+            # absent in directories saved before videos: load_vlm passes the model's
+            tokens_per_video=settings.get("tokens_per_video"),
+            video_offsets=settings.get("video_offsets"),
+            video_segments=settings.get("video_segments", 1),
+            video=VideoSettings.from_dict(settings["video"]) if settings.get("video") else None,
         )

@@ -1,9 +1,11 @@
 """LLaVA-format conversation records: validation, loading and atomic writing.
 
-A record is ``{"id": str, "image": str | list[str] (optional), "conversations": [{"from", "value"}, ...]}``
-plus any extra keys. Validation happens once at load time with messages that name the file, the record and
-the field. ``load_llava_json`` stops at the first broken record (``strict``); ``load_record_file`` keeps the
-valid records and returns the broken ones' errors, so a long job can skip and record them.
+A record is ``{"id": str, "image": str | list[str] (optional), "video": str | list[str] (optional),
+"conversations": [{"from", "value"}, ...]}`` plus any extra keys; the turns hold as many ``<image>`` /
+``<video>`` placeholders as the record has images / videos. Validation happens once at load time with messages
+that name the file, the record and the field. ``load_llava_json`` stops at the first broken record
+(``strict``); ``load_record_file`` keeps the valid records and returns the broken ones' errors, so a long job
+can skip and record them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 HUMAN, GPT, SYSTEM = "human", "gpt", "system"
 
 
@@ -63,18 +66,27 @@ def _type_name(value: Any) -> str:
 
 def image_list(rec: dict) -> list:
     """The record's ``image`` entry as a list (empty when the record has no image)."""
-    image = rec.get("image")
-    if image is None:
+    return _media_list(rec, "image")
+
+
+def video_list(rec: dict) -> list:
+    """The record's ``video`` entry as a list (empty when the record has no video)."""
+    return _media_list(rec, "video")
+
+
+def _media_list(rec: dict, key: str) -> list:
+    entry = rec.get(key)
+    if entry is None:
         return []
-    return image if isinstance(image, list) else [image]
+    return entry if isinstance(entry, list) else [entry]
 
 
-def _check_turns(conversations: Any, fail) -> int:
-    """Check roles and values; returns how many ``<image>`` placeholders the turns hold."""
+def _check_turns(conversations: Any, fail) -> dict[str, int]:
+    """Check roles and values; returns how many ``<image>`` and ``<video>`` placeholders the turns hold."""
     if not isinstance(conversations, list) or not conversations:
         got = _type_name(conversations) if not isinstance(conversations, list) else "an empty list"
         fail("conversations", f"expected a non-empty list of turns, got {got}")
-    placeholders = 0
+    placeholders = {"image": 0, "video": 0}
     expected = HUMAN
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
@@ -95,7 +107,8 @@ def _check_turns(conversations: Any, fail) -> int:
         if not isinstance(value, str) or not value.strip():
             got = repr(value) if isinstance(value, str) else _type_name(value)
             fail(f"conversations[{i}].value", f"expected a non-empty string, got {got}")
-        placeholders += value.count(IMAGE_TOKEN)
+        placeholders["image"] += value.count(IMAGE_TOKEN)
+        placeholders["video"] += value.count(VIDEO_TOKEN)
     last_role = conversations[-1]["from"]
     if last_role != GPT:
         fail("conversations", f"the last turn must be from 'gpt', got {last_role!r}")
@@ -108,8 +121,8 @@ def validate_record(rec: Any, index: int | None = None, source: str | os.PathLik
     Checks: ``id`` is a string (integers are accepted, as some public sets use them); ``conversations`` is a
     non-empty list whose roles are an optional leading ``system`` then ``human``/``gpt`` alternating,
     starting with ``human`` and ending with ``gpt``; every value is a non-empty string; ``image`` (optional)
-    is a non-empty string or a list of them; the ``<image>`` placeholders across all turns number exactly as
-    many as the images.
+    is a non-empty string or a list of them, and so is ``video``; the ``<image>`` (``<video>``) placeholders
+    across all turns number exactly as many as the images (videos).
     """
     record_id = rec.get("id") if isinstance(rec, dict) else None
 
@@ -125,20 +138,21 @@ def validate_record(rec: Any, index: int | None = None, source: str | os.PathLik
     if "conversations" not in rec:
         fail("conversations", "missing")
     placeholders = _check_turns(rec["conversations"], fail)
-    image = rec.get("image")
-    if image is not None and not isinstance(image, (str, list)):
-        fail("image", f"expected a string or a list of strings, got {_type_name(image)}")
-    images = image_list(rec)
-    for k, entry in enumerate(images):
-        if not isinstance(entry, str) or not entry.strip():
-            field = f"image[{k}]" if isinstance(image, list) else "image"
-            got = repr(entry) if isinstance(entry, str) else _type_name(entry)
-            fail(field, f"expected a non-empty string, got {got}")
-    if placeholders != len(images):
-        fail(
-            "conversations",
-            f"{placeholders} {IMAGE_TOKEN!r} placeholder(s) but {len(images)} image(s); they must match",
-        )
+    for key, token in (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN)):
+        value = rec.get(key)
+        if value is not None and not isinstance(value, (str, list)):
+            fail(key, f"expected a string or a list of strings, got {_type_name(value)}")
+        entries = _media_list(rec, key)
+        for k, entry in enumerate(entries):
+            if not isinstance(entry, str) or not entry.strip():
+                field = f"{key}[{k}]" if isinstance(value, list) else key
+                got = repr(entry) if isinstance(entry, str) else _type_name(entry)
+                fail(field, f"expected a non-empty string, got {got}")
+        if placeholders[key] != len(entries):
+            fail(
+                "conversations",
+                f"{placeholders[key]} {token!r} placeholder(s) but {len(entries)} {key}(s); they must match",
+            )
 
 
 def _invalid_json(path: Path, err: json.JSONDecodeError, line: int | None = None) -> SchemaError:
@@ -215,7 +229,7 @@ def load_record_file(path: str | os.PathLike, *, strict: bool = False) -> Record
 
 def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> list[dict]:
     """Read and validate a LLaVA ``.json`` (a list) or ``.jsonl`` (one record per line) file; the first
-    broken record raises. With ``check_files`` every image must exist in the file's folder."""
+    broken record raises. With ``check_files`` every image and video must exist in the file's folder."""
     from .media import MediaError, MediaPaths
 
     path = Path(path)
@@ -223,8 +237,9 @@ def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> li
     if check_files:
         media = MediaPaths(path.parent)
         for index, rec in enumerate(records):
-            for k, entry in enumerate(image_list(rec)):
-                field = f"image[{k}]" if isinstance(rec["image"], list) else "image"
+            entries = [("image", k, e) for k, e in enumerate(image_list(rec))]
+            for key, k, entry in entries + [("video", k, e) for k, e in enumerate(video_list(rec))]:
+                field = f"{key}[{k}]" if isinstance(rec[key], list) else key
                 try:
                     found = media.resolve(entry).is_file()
                 except MediaError as err:
@@ -232,7 +247,7 @@ def load_llava_json(path: str | os.PathLike, *, check_files: bool = False) -> li
                         str(err), source=path, index=index, record_id=rec["id"], field=field
                     ) from err
                 if not found:
-                    reason = f"image file not found: {media.resolve(entry)}"
+                    reason = f"{key} file not found: {media.resolve(entry)}"
                     raise SchemaError(reason, source=path, index=index, record_id=rec["id"], field=field)
     return records
 

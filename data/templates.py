@@ -21,6 +21,7 @@ __all__ = [
     "LLAMA3_TEMPLATE",
     "QWEN2_TEMPLATE",
     "VICUNA_TEMPLATE",
+    "VIDEO_TOKEN",
     "assistant_text_from_labels",
     "llava_to_messages",
     "render_with_assistant_spans",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 IMAGE_TOKEN = "<image>"  # one placeholder token per image; the processor expands it to the visual tokens
+VIDEO_TOKEN = "<video>"  # one placeholder per video; the processor expands it to the video's pooled tokens
 IGNORE_INDEX = -100  # label of tokens the loss skips (HF / PyTorch cross-entropy convention)
 
 # ChatML, our default: <|im_start|>{role}\n{content}<|im_end|>\n
@@ -203,6 +205,10 @@ def _image_token_id(tokenizer: Any) -> int | None:
     return added.get(IMAGE_TOKEN)
 
 
+def _video_token_id(tokenizer: Any) -> int | None:
+    return tokenizer.get_added_vocab().get(VIDEO_TOKEN)
+
+
 def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
     """True for every token whose characters overlap a span (offsets and spans both ascending)."""
     mask = []
@@ -257,8 +263,9 @@ def tokenize_conversation(
             )
 
     mask = _mask_from_offsets(offsets, spans)
+    media_ids = {image_id, _video_token_id(tokenizer)}
     labels = [
-        token_id if labelled and token_id != image_id else IGNORE_INDEX
+        token_id if labelled and token_id not in media_ids else IGNORE_INDEX
         for token_id, labelled in zip(input_ids, mask, strict=True)
     ]
     if max_length is not None and len(input_ids) > max_length:

@@ -1,4 +1,4 @@
-"""Our own byte-level BPE tokenizer, and the `<image>` placeholder token for any HF tokenizer.
+"""Our own byte-level BPE tokenizer, and the `<image>` / `<video>` placeholder tokens for any HF tokenizer.
 
 The tiny default LLM has no pretrained tokenizer, so we train one on the task's text. ``digits`` chooses how
 numbers (box coordinates) become tokens: ``"single"`` splits them one digit per token ("417" is "4" "1" "7",
@@ -16,14 +16,16 @@ import jinja2
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .templates import CHATML_TEMPLATE, IMAGE_TOKEN
+from .templates import CHATML_TEMPLATE, IMAGE_TOKEN, VIDEO_TOKEN
 
 __all__ = [
     "CHAT_END_TOKEN",
     "CHAT_START_TOKEN",
     "ENDOFTEXT_TOKEN",
     "IMAGE_TOKEN",
+    "VIDEO_TOKEN",
     "ensure_image_token",
+    "ensure_video_token",
     "train_tokenizer",
 ]
 
@@ -135,15 +137,24 @@ def _is_single_added_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bo
     return tokenizer.encode(f"a {token}b", add_special_tokens=False).count(token_id) == 1
 
 
+def _ensure_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    if not _is_single_added_token(tokenizer, text):
+        token = AddedToken(text, special=True, normalized=False, lstrip=False, rstrip=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
+        if not _is_single_added_token(tokenizer, text):
+            raise RuntimeError(f"could not make {text!r} a single token of {type(tokenizer).__name__}")
+    return tokenizer.convert_tokens_to_ids(text)
+
+
 def ensure_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Make `<image>` one special token of `tokenizer` (adding it if missing) and return its id.
 
     Works for any HF tokenizer (a real Llama/Qwen one included). When it adds a token the vocabulary grows, so
     the caller must resize the LLM's input embeddings to `len(tokenizer)`.
     """
-    if not _is_single_added_token(tokenizer, IMAGE_TOKEN):
-        token = AddedToken(IMAGE_TOKEN, special=True, normalized=False, lstrip=False, rstrip=False)
-        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
-        if not _is_single_added_token(tokenizer, IMAGE_TOKEN):
-            raise RuntimeError(f"could not make {IMAGE_TOKEN!r} a single token of {type(tokenizer).__name__}")
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return _ensure_token(tokenizer, IMAGE_TOKEN)
+
+
+def ensure_video_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Make `<video>` one special token of `tokenizer` (as ``ensure_image_token``) and return its id."""
+    return _ensure_token(tokenizer, VIDEO_TOKEN)

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 
 from data.processor import VLMProcessor
-from data.tokenizer import ensure_image_token, train_tokenizer
+from data.tokenizer import ensure_image_token, ensure_video_token, train_tokenizer
 
+from . import lora
 from .config import DataConfig, ModelConfig, to_plain
 from .llm import build_llm, load_tokenizer
 from .model import VLM, VLMConfig
@@ -40,6 +41,7 @@ def build_tokenizer(model_cfg: ModelConfig, corpus: Iterable[str] | None = None)
             corpus, None, vocab_size=model_cfg.tokenizer.vocab_size, digits=model_cfg.tokenizer.digits
         )
     ensure_image_token(tok)
+    ensure_video_token(tok)  # before the LLM is sized to the tokenizer
     return tok
 
 
@@ -53,6 +55,8 @@ def build_vlm(model_cfg: ModelConfig, tokenizer: Any) -> VLM:
         visual_delta=model_cfg.visual_delta,
         visual_positions=model_cfg.visual_positions,
         v2pe=model_cfg.v2pe,
+        video_token_id=ensure_video_token(tokenizer),
+        video=to_plain(model_cfg.video),
     )
     return VLM(config, llm=llm, load_expert_weights=True)
 
@@ -68,7 +72,18 @@ def make_processor(model: VLM, tokenizer: Any, data_cfg: DataConfig | None = Non
         system_prompt=data_cfg.system_prompt,
         max_length=data_cfg.max_length,
         box_format=data_cfg.box_format,
+        **video_settings(model),
+        video=data_cfg.video,
     )
+
+
+def video_settings(model: VLM) -> dict[str, Any]:
+    """What the processor needs of the model to expand ``<video>``: its token count, offsets, segments."""
+    return {
+        "tokens_per_video": model.tokens_per_video,
+        "video_offsets": model.video_offsets,
+        "video_segments": model.video_pooling.segments,
+    }
 
 
 def save_vlm(
@@ -85,7 +100,12 @@ def save_vlm(
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    adapter = None
+    if lora.has_adapter(model):  # base weights under their usual names, the adapter in lora/ (mm/lora.py)
+        state_dict, adapter = lora.split_state(model, state_dict)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    if adapter is not None:
+        lora.save_adapter(model, adapter, tmp)
     processor.save_pretrained(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
@@ -125,8 +145,12 @@ def load_vlm(
     model = VLM.from_pretrained(
         model_dir, dtype=dtype or torch.float32, key_mapping=LEGACY_KEYS if legacy else None
     )
+    lora.load_adapter(model, model_dir)  # a LoRA run's adapter (lora/), if the directory has one
     model.to(device).eval()
-    processor = VLMProcessor.from_pretrained(
-        model_dir, {name: expert.preprocess for name, expert in model.experts.items()}
-    )
+    transforms = {name: expert.preprocess for name, expert in model.experts.items()}
+    processor = VLMProcessor.from_pretrained(model_dir, transforms, **video_settings(model))
+    if model.config.video_token_id is None:  # saved before videos: <video> is a new, untrained token
+        model.config.video_token_id = processor.video_token_id
+        if model.get_input_embeddings().weight.shape[0] < len(processor.tokenizer):
+            model.llm.resize_token_embeddings(len(processor.tokenizer))
     return model, processor

@@ -99,6 +99,23 @@ def cmd_data_shapesworld_multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapesworld_video(args: argparse.Namespace) -> int:
+    from data.shapesworld.video import generate_video
+
+    info = generate_video(
+        args.out,
+        args.n,
+        seed=args.seed,
+        frames=args.frames,
+        fps=args.fps,
+        image_size=args.size,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"counts": info["counts"], "chance": info["chance"]}, indent=2))
+    print(Path(args.out).resolve())
+    return 0
+
+
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
     """``mm train`` and ``python -m mm.train`` (what torchrun / deepspeed / accelerate launch run)."""
     t.add_argument("config", help="YAML config (see configs/)")
@@ -186,18 +203,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     if args.question:
         try:
-            for piece in assistant.stream(" ".join(args.question), list(args.image or []), **settings):
+            question, images, videos = " ".join(args.question), list(args.image or []), list(args.video or [])
+            for piece in assistant.stream(question, images, videos, **settings):
                 print(piece, end="", flush=True)
-        except ValueError as err:  # a bad image (MediaError) or prompt
+        except ValueError as err:  # a bad image or video (MediaError) or prompt
             print(f"error: {err}", file=sys.stderr)
             return 2
         print()
         return 0
     print(
-        "mm chat: type a question; ':image PATH' adds an image to the next question, "
-        "':reset' clears the conversation, ':quit' exits"
+        "mm chat: type a question; ':image PATH' / ':video PATH' adds an image / a video to the next "
+        "question, ':reset' clears the conversation, ':quit' exits"
     )
-    pending = list(args.image or [])
+    pending, pending_videos = list(args.image or []), list(args.video or [])
     while True:
         try:
             line = input(">>> ").strip()
@@ -210,20 +228,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line == ":reset":
             assistant.reset()
-            pending = []
+            pending, pending_videos = [], []
             continue
         if line.startswith(":image "):
             pending.append(line.split(" ", 1)[1].strip())
             continue
+        if line.startswith(":video "):
+            pending_videos.append(line.split(" ", 1)[1].strip())
+            continue
         try:
-            for piece in assistant.stream(line, pending, **settings):
+            for piece in assistant.stream(line, pending, pending_videos, **settings):
                 print(piece, end="", flush=True)
             print()
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             if pending:
                 print(f"dropped the queued image(s): {', '.join(map(str, pending))}", file=sys.stderr)
-        pending = []  # used or refused: either way a later question does not carry them
+            if pending_videos:
+                print(f"dropped the queued video(s): {', '.join(pending_videos)}", file=sys.stderr)
+        pending, pending_videos = [], []  # used or refused: either way a later question does not carry them
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -326,6 +349,25 @@ def add_demo_parser(sub) -> None:
 # -- end of mm demo --------------------------------------------------------------------------------
 
 
+# -- mm export: a LoRA model with its adapter merged (mm/lora.py) ----------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from .lora import merge_export
+
+    print(merge_export(args.model_dir, args.out_dir).resolve())
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a LoRA model with its adapter merged: a plain model directory")
+    x.add_argument("model_dir", help="the LoRA model directory (a run's model/, with lora/)")
+    x.add_argument("out_dir", help="where the merged model goes (loads without peft)")
+    x.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the LLM")
+    x.set_defaults(func=cmd_export)
+
+
+# -- end of mm export ------------------------------------------------------------------------------
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -393,6 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_data_shapesworld_multi)
+    v = dsub.add_parser(
+        "shapesworld-video", help="ShapesWorld mp4 clips: motion / order / count / state / caption questions"
+    )
+    v.add_argument("out", help="dataset folder (a rerun with the same settings keeps the clips there)")
+    v.add_argument("--n", type=int, default=1000, help="clips in all, split 80/10/10 (5 records per clip)")
+    v.add_argument("--frames", type=int, default=16)
+    v.add_argument("--fps", type=float, default=8.0)
+    v.add_argument("--size", type=int, default=96, help="frame side in pixels (even, >= 96)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_data_shapesworld_video)
 
     t = sub.add_parser("train", help="train from a YAML config")
     add_train_arguments(t)
@@ -429,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="ask about images (one-shot with a question, else an interactive REPL)")
     c.add_argument("--model", required=True)
     c.add_argument("--image", action="append", help="image file (repeatable)")
+    c.add_argument("--video", action="append", help="video file (repeatable; sampled as in training)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--device", default=None)
@@ -438,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     add_batch_parsers(sub)  # mm caption, mm ground
     add_demo_parser(sub)  # mm demo
+    add_export_parser(sub)  # mm export --merge
     return p
 
 

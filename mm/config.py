@@ -18,10 +18,13 @@ from typing import Any, Literal, Union
 import yaml
 
 from data.boxes import BoxFormat
+from data.video_frames import VideoSettings
 from projectors import ProjectorConfig
 from vision.experts import ExpertConfig
 
+from .lora import LoraSettings
 from .positions import V2PE_DELTAS
+from .video import VideoPooling
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,8 @@ class ModelConfig:
     # positions (fractional steps survive far out); at inference every image at visual_delta
     v2pe: bool = False
     init_from: str | None = None  # an mmstack model directory to start from (e.g. align -> sft)
+    # a <video>'s frames -> tokens (mm/video.py): spatial avg-pool per frame, mean per temporal segment
+    video: VideoPooling = field(default_factory=VideoPooling)
 
     def __post_init__(self) -> None:
         if not self.experts:
@@ -110,8 +115,13 @@ class DataConfig:
     branch_turns: bool = False
     num_workers: int = 0
     val_max_records: int = 256
+    # batches of similar-length samples (HF's group_by_length: sorted within megabatches of 50 batches):
+    # less padding on data whose lengths vary; the order stays seeded and resumable
+    group_by_length: bool = False
     # the deltas V2PE training draws from, one per image (the paper's {1, 1/2, ..., 1/256}); model.v2pe only
     v2pe_deltas: list[float] = field(default_factory=lambda: list(V2PE_DELTAS))
+    # how a video file becomes frames (data/video_frames.py): sampling, reader, the middle-frame baseline
+    video: VideoSettings = field(default_factory=VideoSettings)
 
 
 @dataclass
@@ -132,12 +142,18 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     loss_weighting: Literal["token", "answer"] = "token"  # answer: each answer weighs the same (mm.loss)
+    # the LM head only on labelled positions, chunked, gradients on the fly: no [tokens, vocab] logits
+    # (mm.loss.fused_loss_terms; same loss and gradients). Off: HF's full logits, then the loss
+    fused_loss: bool = True
     eval_every: int = 200
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the hardware has it
     gradient_checkpointing: bool = False
+    # torch.compile each LLM decoder layer (one graph shared by all layers): 1.32x tokens/s for a
+    # Qwen2-1.5B-shaped VLM step on an H100 (BENCHMARKS.md); the first steps pay the compile time
+    compile: bool = False
     # attention kernel while training: None keeps the model's (sdpa); "eager" is ~1.2-1.3x faster per step on
     # the CPU for the tiny quickstart LLM's short rows (BENCHMARKS.md)
     attn_implementation: str | None = None
@@ -146,6 +162,8 @@ class TrainConfig:
     # a DeepSpeed JSON (configs/deepspeed/zero2.json ...); its "auto" fields are filled from this section.
     # `accelerate launch --config_file configs/accelerate/zero2.yaml` names one itself.
     deepspeed: str | None = None
+    # LoRA on the LLM (mm/lora.py): its base weights frozen, low-rank adapters trained in sft
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -155,6 +173,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.data.video.frames_per_video < self.model.video.segments:
+            raise ValueError(
+                f"data.video gives {self.data.video.frames_per_video} frame(s) per video, fewer than "
+                f"model.video.segments={self.model.video.segments}: each segment pools at least one frame"
+            )
         if self.data.branch_turns and self.train.gradient_checkpointing:
             raise ValueError(
                 "data.branch_turns: branches reuse the image prefix's KV cache, which gradient checkpointing "

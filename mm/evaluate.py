@@ -2,8 +2,8 @@
 
 Scoring is ``data.scoring`` (a scorer per ``meta.task``). Every record ends up as one row: scored (question,
 answer, prediction, the scorer's fields) or skipped (which file, why): a record with a broken schema, an
-unreadable or refused image, a prompt that does not fit, or fields its scorer needs but lacks. A run where
-nothing could be scored raises ``NothingUsable`` rather than reporting zeros.
+unreadable or refused image or video, a prompt that does not fit, or fields its scorer needs but lacks. A run
+where nothing could be scored raises ``NothingUsable`` rather than reporting zeros.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from data.media import MediaPaths, load_image
-from data.schema import RecordFile, image_list, load_record_file
+from data.schema import RecordFile, image_list, load_record_file, video_list
 from data.scoring import ScoreContext, aggregate, score_record, scorer_for, task_of
 from data.skips import NothingUsable, Skip, SkipLog
 
@@ -57,12 +58,14 @@ def evaluate(
     time. ``indices``: the records' positions in their file; ``skips`` collects the skipped ones (and
     prints the first few). ``kv``: compress each prompt's KV cache after the prefill. The metrics hold the
     mean KV bytes of a prompt after the prefill and after compression (``kv_bytes_prompt``,
-    ``kv_bytes_kept``)."""
+    ``kv_bytes_kept``) and, when there are videos, the mean visual tokens of a prompt per medium
+    (``image_tokens``, ``video_tokens``)."""
     indices = list(range(len(records))) if indices is None else list(indices)
     skips = skips if skips is not None else SkipLog()
     processor = engine.processor
     rows: list[dict[str, Any] | None] = [None] * len(records)
     kv_sizes: list[tuple[int, int]] = []
+    media_tokens: list[tuple[int, int]] = []  # visual tokens of each answered prompt: (image, video)
     order = sorted(range(len(records)), key=lambda i: (task_of(records[i]), len(json.dumps(records[i]))))
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
@@ -71,9 +74,11 @@ def evaluate(
             rec = records[i]
             try:
                 images = [load_image(media.resolve(entry)) for entry in image_list(rec)]
-                if blind:  # black images of the same sizes: the no-vision baseline
+                videos = [processor.load_video(media.resolve(entry)) for entry in video_list(rec)]
+                if blind:  # black images (and frames) of the same sizes: the no-vision baseline
                     images = [Image.new("RGB", im.size) for im in images]
-                request = Request(question_turns(rec), images)
+                    videos = [np.zeros_like(frames) for frames in videos]
+                request = Request(question_turns(rec), images, videos=videos)
                 engine.prepare(request)
                 requests.append(request)
             except ValueError as err:  # MediaError, or a prompt the processor cannot take
@@ -89,6 +94,7 @@ def evaluate(
             request.settings = GenerationSettings(max_new_tokens=budget, kv=kv)
         answers = engine.generate(requests)
         kv_sizes += [(a.kv_bytes_prompt, a.kv_bytes_kept) for a in answers]
+        media_tokens += [(a.image_tokens, a.video_tokens) for a in answers]
         predictions = [a.text for a in answers]
         for i, prediction, size in zip(chunk, predictions, sizes):
             rec = records[i]
@@ -103,6 +109,7 @@ def evaluate(
                 "id": rec.get("id"),
                 "index": indices[i],
                 "image": rec.get("image"),
+                **({"video": rec["video"]} if "video" in rec else {}),
                 "question": question_turns(rec)[-1]["value"],
                 "answer": rec["conversations"][-1]["value"],
                 "prediction": prediction,
@@ -116,6 +123,9 @@ def evaluate(
     if kv_sizes:
         metrics["kv_bytes_prompt"] = sum(b for b, _ in kv_sizes) / len(kv_sizes)
         metrics["kv_bytes_kept"] = sum(a for _, a in kv_sizes) / len(kv_sizes)
+    if any(video for _, video in media_tokens):  # what each medium cost a prompt, where videos were asked
+        metrics["image_tokens"] = sum(i for i, _ in media_tokens) / len(media_tokens)
+        metrics["video_tokens"] = sum(v for _, v in media_tokens) / len(media_tokens)
     return metrics, done
 
 

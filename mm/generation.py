@@ -167,7 +167,7 @@ def generate(
         done = compress_cache(
             cache,
             attention_mask,
-            input_ids == model.config.image_token_id,
+            model.visual_mask(input_ids),
             specs,
             _per_row(row_scores),
         )

@@ -5,7 +5,7 @@ in left-padded batches (eval, batch scripts); ``submit(request)`` queues one req
 worker thread batches the requests that arrive together into one ``generate`` call, streaming each row's
 text to its own ``Handle`` (the demo). Every request carries its own settings (max tokens, temperature,
 top-p, top-k, seed, V2PE delta), so requests batched together do not change each other's answers.
-A ``Conversation`` keeps the turns and images of one chat.
+A ``Conversation`` keeps the turns, images and videos of one chat.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from data.boxes import parse_boxes
 from data.media import load_image
 from data.processor import VLMProcessor
-from data.templates import IMAGE_TOKEN
+from data.templates import IMAGE_TOKEN, VIDEO_TOKEN
 
 from .build import load_vlm
 from .generation import GenerationSettings
@@ -68,35 +68,40 @@ def load_model(
     return model, processor
 
 
-def user_turn(question: str, num_images: int) -> dict[str, str]:
-    """A user turn for ``question``; images without a placeholder go first, LLaVA-style."""
+def user_turn(question: str, num_images: int, num_videos: int = 0) -> dict[str, str]:
+    """A user turn for ``question``; images (then videos) without a placeholder go first, LLaVA-style."""
     text = question.strip()
     if not text:
         raise ValueError("empty prompt: ask a question")
-    missing = num_images - text.count(IMAGE_TOKEN)
-    if missing < 0:
-        raise ValueError(f"the prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {num_images} image(s)")
-    return {"from": "human", "value": "\n".join([IMAGE_TOKEN] * missing + [text])}
+    lines = []
+    for token, count, what in ((IMAGE_TOKEN, num_images, "image"), (VIDEO_TOKEN, num_videos, "video")):
+        missing = count - text.count(token)
+        if missing < 0:
+            raise ValueError(f"the prompt has {text.count(token)} {token} but {count} {what}(s)")
+        lines += [token] * missing
+    return {"from": "human", "value": "\n".join([*lines, text])}
 
 
 @dataclass
 class Request:
-    """One generation request: a conversation ending with a user turn, its images in placeholder order,
-    and its own decoding settings; ``visual_delta`` places its images at that V2PE step (None: the
-    model's)."""
+    """One generation request: a conversation ending with a user turn, its images and its videos (files,
+    decoded ``data.video.Video``s or frame arrays) in placeholder order, and its own decoding settings;
+    ``visual_delta`` places its images and videos at that V2PE step (None: the model's)."""
 
     conversation: list[dict[str, str]]
     images: list[Image.Image] = field(default_factory=list)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     visual_delta: float | None = None
     features: dict[str, Any] | None = field(default=None, repr=False)  # Engine.prepare's, once checked
+    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass
 class Answer:
-    """A request's answer and what it cost: tokens in and out, time from its batch's start (prefill
-    included), and its KV cache: after the prefill (``kv_bytes_prompt``), after any compression
-    (``kv_bytes_kept``) and at its end, with the new tokens (``kv_bytes``)."""
+    """A request's answer and what it cost: tokens in and out (``visual_tokens`` = ``image_tokens`` +
+    ``video_tokens``), time from its batch's start (prefill included), and its KV cache: after the prefill
+    (``kv_bytes_prompt``), after any compression (``kv_bytes_kept``) and at its end, with the new tokens
+    (``kv_bytes``)."""
 
     text: str
     prompt_tokens: int
@@ -108,6 +113,8 @@ class Answer:
     kv_bytes: int
     kv_bytes_prompt: int
     kv_bytes_kept: int
+    image_tokens: int = 0
+    video_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -210,12 +217,15 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------
     def prepare(self, request: Request) -> dict[str, Any]:
         """The request's token ids and pixels (kept on it); ``ValueError`` for one that cannot be answered
-        (an empty or too long prompt, a placeholder count that does not match its images, a bad delta)."""
+        (an empty or too long prompt, a placeholder count that does not match its images or videos, an
+        unreadable video file (``MediaError``), a bad delta)."""
         if request.features is None:
-            features = self.processor(request.conversation, request.images, for_generation=True)
+            features = self.processor(
+                request.conversation, request.images, videos=request.videos, for_generation=True
+            )
             if request.visual_delta is not None:
                 delta = check_visual_delta(self.model, request.visual_delta)
-                features["image_deltas"] = [delta] * len(request.images)
+                features["image_deltas"] = [delta] * (len(request.images) + len(request.videos))
             request.features = features
         return request.features
 
@@ -264,7 +274,9 @@ class Engine:
         texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids.tolist()]
         mask, input_ids = batch["attention_mask"], batch["input_ids"]
         prompt = mask.sum(1).tolist()
-        visual = (input_ids == self.processor.image_token_id).logical_and(mask.bool()).sum(1).tolist()
+        real = mask.bool()
+        image = (input_ids == self.processor.image_token_id).logical_and(real).sum(1).tolist()
+        video = (input_ids == self.processor.video_token_id).logical_and(real).sum(1).tolist()
         answers = []
         for row in range(rows):
             n = counts[row]
@@ -272,7 +284,7 @@ class Engine:
                 Answer(
                     text=texts[row],
                     prompt_tokens=int(prompt[row]),
-                    visual_tokens=int(visual[row]),
+                    visual_tokens=int(image[row] + video[row]),
                     new_tokens=n,
                     finish="eos" if last_token[row] in self.eos_ids else "length",
                     seconds=ended_at[row] if ended_at[row] is not None else total,
@@ -280,6 +292,8 @@ class Engine:
                     kv_bytes=per_entry * int(stats["kv_entries_after"][row] + n),
                     kv_bytes_prompt=per_entry * int(stats["kv_entries_before"][row]),
                     kv_bytes_kept=per_entry * int(stats["kv_entries_after"][row]),
+                    image_tokens=int(image[row]),
+                    video_tokens=int(video[row]),
                 )
             )
         return answers
@@ -365,12 +379,16 @@ class Engine:
 
 
 class Conversation:
-    """The turns and images of one chat; ``request`` builds the next request, ``commit`` keeps its answer
-    (nothing is kept for a question that got no answer)."""
+    """The turns, images and videos of one chat; ``request`` builds the next request, ``commit`` keeps its
+    answer (nothing is kept for a question that got no answer). ``video_loader`` (the processor's
+    ``load_video``) decodes a video file once, when it is added; without it the file is decoded per
+    request."""
 
-    def __init__(self) -> None:
+    def __init__(self, video_loader: Callable[[Any], Any] | None = None) -> None:
         self.turns: list[dict[str, str]] = []
         self.images: list[Image.Image] = []
+        self.videos: list[Any] = []
+        self.video_loader = video_loader
 
     def request(
         self,
@@ -378,14 +396,23 @@ class Conversation:
         images: Sequence[str | Path | Image.Image] = (),
         settings: GenerationSettings | None = None,
         visual_delta: float | None = None,
+        videos: Sequence[Any] = (),
     ) -> Request:
-        turn = user_turn(question, len(images))
+        turn = user_turn(question, len(images), len(videos))
         new = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return Request(self.turns + [turn], self.images + new, settings or GenerationSettings(), visual_delta)
+        clips = [self.video_loader(v) if self.video_loader else v for v in videos]
+        return Request(
+            self.turns + [turn],
+            self.images + new,
+            settings or GenerationSettings(),
+            visual_delta,
+            videos=self.videos + clips,
+        )
 
     def commit(self, request: Request, answer: str) -> None:
         self.turns = request.conversation + [{"from": "gpt", "value": answer}]
         self.images = list(request.images)
+        self.videos = list(request.videos)
 
 
 class Assistant:
@@ -402,19 +429,29 @@ class Assistant:
         self.reset()
 
     def reset(self) -> None:
-        self.conversation = Conversation()
+        self.conversation = Conversation(video_loader=self.engine.processor.load_video)
 
-    def ask(self, question: str, images: Sequence[str | Path | Image.Image] = (), **settings: Any) -> str:
-        request = self.conversation.request(question, images, GenerationSettings(**settings))
+    def ask(
+        self,
+        question: str,
+        images: Sequence[str | Path | Image.Image] = (),
+        videos: Sequence[Any] = (),
+        **settings: Any,
+    ) -> str:
+        request = self.conversation.request(question, images, GenerationSettings(**settings), videos=videos)
         answer = self.engine.generate([request])[0].text
         self.conversation.commit(request, answer)
         return answer
 
     def stream(
-        self, question: str, images: Sequence[str | Path | Image.Image] = (), **settings: Any
+        self,
+        question: str,
+        images: Sequence[str | Path | Image.Image] = (),
+        videos: Sequence[Any] = (),
+        **settings: Any,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
-        request = self.conversation.request(question, images, GenerationSettings(**settings))
+        request = self.conversation.request(question, images, GenerationSettings(**settings), videos=videos)
         handle = self.engine.submit(request)
         yield from handle.stream()
         self.conversation.commit(request, handle.result().text)

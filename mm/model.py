@@ -2,12 +2,14 @@
 
 Visual embeddings are spliced into the text embeddings at the image placeholder tokens with one batched
 ``masked_scatter`` (no per-sample loops, no host syncs); ``mm.positions`` assigns the (float) position ids;
-the LLM always gets an explicit attention mask.
+the LLM always gets an explicit attention mask. Video frames (``pixel_values["video:<expert>"]``, see
+``data.processor``) go through the experts in the same call as the images and are pooled by ``mm.video``
+into each ``<video>``'s tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,14 +24,24 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from data.processor import BranchBatch
+from data.processor import VIDEO_PIXELS, BranchBatch
 from projectors import ProjectorConfig, build_fusion
 from vision.experts import ExpertConfig, build_expert
 
 from .llm import cache_argument
-from .loss import loss_weight, mean_loss, shifted_loss_terms
+from .loss import fused_loss_terms, loss_weight, mean_loss, shifted_loss_terms
 from .positions import build_position_ids, next_positions, positions_occupied, visual_offsets
 from .rope import install_precise_rotary, rotary_modules
+from .video import VideoPooling, pool_video, video_layout, video_tokens
+
+
+@dataclass
+class VLMOutput(CausalLMOutputWithPast):
+    """HF's causal-LM output plus ``loss_weight``: the label weight behind ``loss`` (ranks weigh their means
+    by it). A field, not an attribute, so it survives accelerate's fp32 output conversion (which rebuilds
+    the output from its fields)."""
+
+    loss_weight: torch.FloatTensor | None = None
 
 
 class VLMConfig(PretrainedConfig):
@@ -50,6 +62,8 @@ class VLMConfig(PretrainedConfig):
         visual_delta: float = 1.0,
         visual_positions: str = "original",
         v2pe: bool = False,
+        video_token_id: int | None = None,
+        video: dict | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -61,6 +75,8 @@ class VLMConfig(PretrainedConfig):
         self.visual_delta = float(visual_delta)
         self.visual_positions = visual_positions
         self.v2pe = bool(v2pe)  # per-image deltas in training; rotary angles from float64 positions
+        self.video_token_id = video_token_id  # None in models saved before videos (mm.build.load_vlm adds it)
+        self.video = VideoPooling(**(video or {})).to_dict()  # model.video: segments, spatial pooling
         kwargs.pop("loss_weighting", None)  # a training setting in models saved before it moved to train
         super().__init__(**kwargs)
 
@@ -112,6 +128,11 @@ class VLM(PreTrainedModel):
         )
         # each visual token's offset from the position before its image, in units of delta (mm.positions)
         self.visual_offsets = visual_offsets(config.visual_positions, self.fusion.layout)
+        # a video: its frames pooled (mm.video) into one block of visual tokens, placed by the same scheme
+        self.video_pooling = VideoPooling(**config.video)
+        self.video_offsets = visual_offsets(
+            config.visual_positions, video_layout(self.fusion.layout, self.video_pooling)
+        )
         self._learned_positions = not rotary_modules(self.llm)
         if self._learned_positions and (config.v2pe or config.visual_delta != 1.0):
             raise ValueError(
@@ -120,8 +141,11 @@ class VLM(PreTrainedModel):
             )
         if config.v2pe:
             self.enable_v2pe()
-        # A training knob (train.loss_weighting), set by the trainer; not part of the saved model.
+        # Training knobs (train.loss_weighting, train.fused_loss), set by the trainer; not saved with the
+        # model. fused_loss: with labels, the LM head runs only where there are labels, chunked, and the
+        # output carries no logits.
         self.loss_weighting = "token"
+        self.fused_loss = False
         self.post_init()
 
     def enable_v2pe(self) -> None:
@@ -156,13 +180,43 @@ class VLM(PreTrainedModel):
         """LLM positions one image occupies at the model's delta (fewer than its tokens when shared)."""
         return positions_occupied(self.visual_offsets, self.config.visual_delta)
 
-    def run_llm(self, cache: Any = None, **inputs: Any) -> CausalLMOutputWithPast:
-        """The LLM's forward, with the KV cache passed under the name the installed transformers expects."""
+    @property
+    def tokens_per_video(self) -> int:
+        """Visual tokens per video: ``model.video.segments`` x one frame's spatially pooled tokens
+        (``mm.video.video_tokens``); a function of the config, whatever the clip."""
+        return video_tokens(self.fusion.layout, self.video_pooling)
+
+    @property
+    def positions_per_video(self) -> int:
+        """LLM positions one video occupies at the model's delta."""
+        return positions_occupied(self.video_offsets, self.config.visual_delta)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where the visual tokens are (image and video placeholders)."""
+        mask = input_ids == self.config.image_token_id
+        if self.config.video_token_id is not None:
+            mask = mask | (input_ids == self.config.video_token_id)
+        return mask
+
+    def run_llm(self, cache: Any = None, hidden_only: bool = False, **inputs: Any) -> CausalLMOutputWithPast:
+        """The LLM's forward, with the KV cache passed under the name the installed transformers expects;
+        ``hidden_only``: the decoder without the LM head (``last_hidden_state``, for the fused loss)."""
         if cache is not None:
             inputs[cache_argument(self.llm)] = cache
         if self._learned_positions and inputs.get("position_ids") is not None:
             inputs["position_ids"] = inputs["position_ids"].long()  # integer positions (checked at build)
+        if hidden_only:
+            inputs.pop("logits_to_keep", None)
+            return self.llm.get_decoder()(**inputs)
         return self.llm(**inputs)
+
+    def _loss_terms(self, out: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss terms of one ``run_llm`` output: from its logits, or fused from its hidden states."""
+        if getattr(out, "logits", None) is None:
+            return fused_loss_terms(
+                out.last_hidden_state, self.get_output_embeddings(), labels, self.loss_weighting
+            )
+        return shifted_loss_terms(out.logits, labels, self.loss_weighting)
 
     # -- vision -------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -181,13 +235,43 @@ class VLM(PreTrainedModel):
     def embed(
         self, input_ids: torch.Tensor, pixel_values: dict[str, torch.Tensor] | torch.Tensor | None
     ) -> torch.Tensor:
-        """Text embeddings with visual embeddings scattered into the image placeholder positions."""
+        """Text embeddings with visual embeddings scattered into the image and video placeholder positions.
+
+        The images and every frame of every video (``video:<expert>`` entries, ``[V, F, 3, S, S]``) go
+        through the experts and the fusion in one batched call; each video's frames are then pooled into its
+        ``tokens_per_video`` tokens (``mm.video.pool_video``)."""
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
-        visual = self.encode_images(pixel_values).to(embeds.dtype)
-        mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
+        if isinstance(pixel_values, torch.Tensor):
+            return self._scatter(embeds, input_ids, self.encode_images(pixel_values).to(embeds.dtype), None)
+        images = {k: v for k, v in pixel_values.items() if not k.startswith(VIDEO_PIXELS)}
+        videos = {k[len(VIDEO_PIXELS) :]: v for k, v in pixel_values.items() if k.startswith(VIDEO_PIXELS)}
+        if not videos:
+            return self._scatter(embeds, input_ids, self.encode_images(images).to(embeds.dtype), None)
+        if self.config.video_token_id is None:
+            raise ValueError("this model has no <video> token (VLMConfig.video_token_id): no videos")
+        shape = next(iter(videos.values())).shape[:2]  # (videos, frames per video)
+        count = next(iter(images.values())).shape[0] if images else 0
+        frames = {n: v.flatten(0, 1) for n, v in videos.items()}
+        both = {n: torch.cat([images[n], f]) for n, f in frames.items()} if images else frames
+        visual = self.encode_images(both).to(embeds.dtype)  # images first, then the frames in order
+        pooled = pool_video(visual[count:].unflatten(0, shape), self.fusion.layout, self.video_pooling)
+        return self._scatter(
+            embeds, input_ids, visual[:count], pooled.to(embeds.dtype)
+        )  # autocast pools bf16
+
+    def _scatter(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, images: torch.Tensor, videos: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``embeds`` with image tokens ``[N, M, D]`` and video tokens ``[V, T, D]`` at their placeholders."""
+        if images.shape[0]:
+            mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, images.reshape(-1, images.shape[-1]))
+        if videos is not None:
+            mask = (input_ids == self.config.video_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, videos.reshape(-1, videos.shape[-1]))
+        return embeds
 
     def position_ids_for(
         self,
@@ -196,11 +280,19 @@ class VLM(PreTrainedModel):
         start: torch.Tensor | None = None,
         image_deltas: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float64 position ids (``mm.positions``): each image at its delta from ``image_deltas`` (``[B, K]``,
-        from the processor), else at the model's ``visual_delta``."""
+        """Float64 position ids (``mm.positions``): each image or video at its delta from ``image_deltas``
+        (``[B, K]``, one per visual block in placeholder order, from the processor), else at the model's
+        ``visual_delta``."""
         deltas = self.config.visual_delta if image_deltas is None else image_deltas
         return build_position_ids(
-            input_ids, attention_mask, self.config.image_token_id, self.visual_offsets, deltas, start=start
+            input_ids,
+            attention_mask,
+            self.config.image_token_id,
+            self.visual_offsets,
+            deltas,
+            start=start,
+            video_token_id=self.config.video_token_id,
+            video_offsets=self.video_offsets,
         )
 
     # -- forward ------------------------------------------------------------------------------------
@@ -228,8 +320,10 @@ class VLM(PreTrainedModel):
             )
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
+        fused = self.fused_loss and labels is not None and past_key_values is None and not use_cache
         out = self.run_llm(
             cache=past_key_values,
+            hidden_only=fused,
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -237,8 +331,9 @@ class VLM(PreTrainedModel):
             **kwargs,
         )
         if labels is not None:
-            terms = [shifted_loss_terms(out.logits, labels, self.loss_weighting)]
-            out.loss, out.loss_weight = mean_loss(terms), loss_weight(terms)
+            terms = [self._loss_terms(out, labels)]
+            kept = {} if fused else {k: v for k, v in out.items() if k != "loss"}  # fused: no logits
+            return VLMOutput(loss=mean_loss(terms), loss_weight=loss_weight(terms), **kept)
         return out
 
     def _forward_branches(
@@ -262,6 +357,7 @@ class VLM(PreTrainedModel):
         cache = DynamicCache(config=self.llm.config)
         prefix = self.run_llm(
             cache=cache,
+            hidden_only=self.fused_loss,
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=prefix_positions,
@@ -275,19 +371,16 @@ class VLM(PreTrainedModel):
             ids, mask = branches.input_ids[first:last, :length], branches.attention_mask[first:last, :length]
             out = self.run_llm(
                 cache=_select_cache_rows(cache, owner, self.llm.config),
+                hidden_only=self.fused_loss,
                 inputs_embeds=self.get_input_embeddings()(ids),
                 attention_mask=torch.cat([attention_mask[owner], mask], dim=1),
                 position_ids=self.position_ids_for(ids, mask, start=start[owner]),
                 use_cache=True,
             )
-            terms.append(
-                shifted_loss_terms(out.logits, branches.labels[first:last, :length], self.loss_weighting)
-            )
+            terms.append(self._loss_terms(out, branches.labels[first:last, :length]))
         if labels is not None:
-            terms.append(shifted_loss_terms(prefix.logits, labels, self.loss_weighting))
-        out = CausalLMOutputWithPast(loss=mean_loss(terms))
-        out.loss_weight = loss_weight(terms)
-        return out
+            terms.append(self._loss_terms(prefix, labels))
+        return VLMOutput(loss=mean_loss(terms), loss_weight=loss_weight(terms))
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(

@@ -29,12 +29,14 @@ from data.dataset import Collator, ConversationDataset, ResumableSampler
 from data.media import MediaPaths
 from data.schema import RecordFile, load_record_file
 from data.skips import NothingUsable, Skip, SkipLog
+from vision.experts.base import set_hf_checkpointing
 
 from .build import ModelLoadError, build_tokenizer, build_vlm, load_vlm, make_processor, save_vlm
 from .checkpoints import Checkpoint, CheckpointError, CheckpointManager, claim_output_dir
 from .config import ConfigError, RunConfig, save_config
+from .lora import prepare_lora
 from .model import VLM
-from .optim import apply_stage, param_groups
+from .optim import apply_stage, param_groups, stage_summary
 from .run_log import RunLog
 from .schedule import Progress, Schedule
 
@@ -255,14 +257,29 @@ class Trainer:
         processor.max_length = cfg.data.max_length
         processor.system_prompt = cfg.data.system_prompt
         processor.box_format = cfg.data.box_format
+        processor.video = cfg.data.video  # the run's frame sampling (or the middle-frame baseline)
         self.processor = processor
         self.processor_v2pe = bool(model.config.v2pe)  # images draw their deltas in training
+        prepare_lora(model, cfg.train.lora, cfg.train.stage, resumed=start is not None)
         self.counts = apply_stage(model, cfg.train.stage, cfg.train.train_experts)
+        self.stage_summary = stage_summary(model, cfg.train.stage)
         model.loss_weighting = cfg.train.loss_weighting
+        model.fused_loss = cfg.train.fused_loss
         if cfg.train.attn_implementation:
             model.llm.set_attn_implementation(cfg.train.attn_implementation)
+        if cfg.train.compile:
+            for layer in model.llm.get_decoder().layers:
+                layer.compile()
         if cfg.train.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_hf_checkpointing(model.llm, True)
+            for name, expert in model.experts.items():  # a trainable tower's activations too
+                trains = any(p.requires_grad for p in expert.parameters())
+                if trains and not expert.set_checkpointing(True):
+                    log.info(
+                        "expert %s (%s) has no gradient checkpointing: its activations are kept",
+                        name,
+                        expert.cfg.model,
+                    )
         return model.train()
 
     def _records(self, path: str | None, split: str) -> RecordFile:
@@ -299,7 +316,12 @@ class Trainer:
         if cfg.data.val:
             self.val_set = self._dataset(self._records(cfg.data.val, "val"), "val", cfg.data.val_max_records)
         self.sampler = ResumableSampler(
-            len(self.train_set), seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes
+            len(self.train_set),
+            seed=cfg.train.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            lengths=self.train_set.lengths() if cfg.data.group_by_length else None,
+            batch_size=cfg.train.batch_size,
         )
         self.collate = Collator(self.processor)
 
@@ -458,6 +480,7 @@ class Trainer:
         if state.step == 1:  # what each image costs the LLM, once in the log
             record["visual_tokens_per_image"] = self.processor.tokens_per_image
             record["positions_per_image"] = self.processor.positions_per_image
+            record["visual_tokens_per_video"] = self.processor.tokens_per_video
         if state.step % cfg.log_every == 0:
             now = time.perf_counter()
             record["tokens_per_s"] = self._window_tokens / max(1e-9, now - self._window_start)
@@ -467,7 +490,7 @@ class Trainer:
     def train(self) -> Path:
         cfg, state = self.cfg.train, self.state
         if self.is_main:
-            log.info("trainable parameters: %s", self.counts)
+            log.info(self.stage_summary)
             log.info(
                 "each image: %d visual tokens at %g LLM positions (%s)",
                 self.processor.tokens_per_image,

@@ -21,7 +21,7 @@ import yaml
 from conftest import tiny_run_model
 from safetensors.torch import load_file
 
-from data.dataset import ResumableSampler
+from data.dataset import ResumableSampler, group_by_length
 from mm.config import load_config
 from mm.train import fill_deepspeed_auto, train
 
@@ -178,6 +178,49 @@ def test_sharded_sampler_gives_every_rank_the_same_count_and_covers_everything()
         assert sum(map(len, shards)) == -(-max(n, world) // world) * world
     # one process: no padding, a plain permutation
     assert sorted(ResumableSampler(10, seed=3)) == list(range(10))
+
+
+def test_length_grouped_sampler_pads_less_and_resumes_exactly():
+    """data.group_by_length: every epoch still covers every sample once per rank set, batches hold similar
+    lengths (padding falls), the order is seeded, and a sampler restored mid-epoch continues identically."""
+    n, batch, world = 403, 4, 2
+    lengths = torch.randint(5, 300, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def batches(sampler):
+        order = list(sampler)
+        return [order[k : k + batch] for k in range(0, len(order), batch)]
+
+    def padding(sampler):  # padded tokens / all tokens of right-padded batches
+        rows = batches(sampler)
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in rows) / sum(
+            max(lengths[i] for i in b) * len(b) for b in rows
+        )
+
+    grouped = [
+        ResumableSampler(n, seed=5, rank=r, world_size=world, lengths=lengths, batch_size=batch)
+        for r in range(world)
+    ]
+    shards = [list(s) for s in grouped]
+    assert len({len(s) for s in shards}) == 1 and set().union(*shards) == set(range(n))
+    plain = ResumableSampler(n, seed=5, rank=0, world_size=world)
+    one = ResumableSampler(n, seed=5, rank=0, world_size=world, lengths=lengths, batch_size=batch)
+    assert padding(one) < padding(plain) / 4, (padding(one), padding(plain))
+    assert padding(plain) > 0.2
+    # megabatches of 2, each longest first; a tie keeps the shuffled order
+    assert group_by_length([3, 1, 2, 0, 4], [5, 9, 1, 7, 1], 2) == [1, 3, 0, 2, 4]
+    assert group_by_length([2, 4, 0], [5, 9, 1, 7, 1], 4) == [0, 2, 4]
+    # resume mid-epoch (epoch 1, after 7 samples) -> the same continuation
+    full = ResumableSampler(n, seed=5, lengths=lengths, batch_size=batch)
+    list(full)
+    it = iter(full)
+    head = [next(it) for _ in range(7)]
+    state = full.state_dict()
+    rest = list(it)
+    resumed = ResumableSampler(n, seed=5, lengths=lengths, batch_size=batch)
+    resumed.load_state_dict(state)
+    assert list(resumed) == rest and sorted(head + rest) == list(range(n))
+    with pytest.raises(ValueError, match="lengths: 3 given for 4 samples"):
+        ResumableSampler(4, lengths=[1, 2, 3])
 
 
 def test_deepspeed_auto_fields_come_from_the_train_section():

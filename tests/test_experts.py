@@ -8,6 +8,7 @@ from conftest import CLIP_MEAN, make_hf_clip_dir, make_open_clip_dir
 from PIL import Image
 
 from vision.experts import EXPERT_KINDS, ExpertConfig, Preprocessing, build_expert
+from vision.experts.hf_expert import _encoder_layers
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -134,6 +135,35 @@ def test_frozen_expert_gets_no_gradients_and_stays_in_eval_mode():
     trainable = build_expert(dict(name="t", model="resnet10t", image_size=32, feature_index=2))
     trainable.train()
     assert trainable.model.training and trainable(torch.rand(2, 3, 32, 32)).requires_grad
+
+
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_expert_checkpointing_recomputes_blocks_and_keeps_gradients(tmp_path, kind):
+    """train.gradient_checkpointing on a trainable tower: each block runs again in the backward (counted
+    with a hook), with the same gradients."""
+    if kind == "timm":
+        spec = dict(name="v", model="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, depth=3))
+    else:
+        spec = dict(name="v", kind="hf", model=str(make_hf_clip_dir(tmp_path / "clip")))
+    torch.manual_seed(0)
+    expert = build_expert(spec).train()
+    block = expert.model.blocks[0] if kind == "timm" else _encoder_layers(expert.model)[0]
+    calls = []
+    # a pre-hook inside the block: HF checkpoints forward (the block's own hooks run once) and recomputation
+    # may stop early, once the tensors it needs exist again
+    block.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for on in (False, True):
+        assert expert.set_checkpointing(on)
+        calls.clear()
+        expert.zero_grad()
+        expert(x).square().mean().backward()
+        assert len(calls) == (2 if on else 1)
+        grads.append({n: p.grad.clone() for n, p in expert.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
 
 
 # -- hf --------------------------------------------------------------------------------------------

@@ -70,7 +70,11 @@ def test_llm_is_loaded_from_the_directory(backend):
     assert model.config.text_config.model_type == family
     assert model.llm.config.num_key_value_heads == 2
     for name, tensor in original.state_dict().items():
-        assert torch.equal(model.llm.state_dict()[name], tensor), name
+        ours = model.llm.state_dict()[name]
+        if ours.shape != tensor.shape:  # <image> / <video> grew the vocabulary: the old rows are kept
+            assert ours.shape[0] == len(proc.tokenizer) > tensor.shape[0], name
+            ours = ours[: tensor.shape[0]]
+        assert torch.equal(ours, tensor), name
     assert proc.tokenizer.eos_token == BACKENDS[family][3]
     assert model.llm.generation_config.eos_token_id == proc.tokenizer.eos_token_id
 

@@ -36,3 +36,47 @@ def test_unknown_weighting_is_rejected():
         ValueError, match="loss weighting must be one of \\('token', 'answer'\\), got 'tokens'"
     ):
         causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), "tokens")
+
+
+@pytest.mark.parametrize("weighting", ["token", "answer"])
+@pytest.mark.parametrize("chunk_elements", [7 * 11, 2**28])  # several chunks of 7 rows, or one chunk
+def test_fused_loss_equals_the_head_then_the_loss(monkeypatch, weighting, chunk_elements):
+    """The fused loss (LM head only on labelled positions, chunked, gradients computed in the forward) gives
+    the value and the gradients of the LM head's full logits followed by ``shifted_loss_terms``."""
+    from mm import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "FUSED_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(3)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(3, 9, 6, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 9))
+    labels[:, :3] = -100
+    labels[1, 5:7] = -100
+    labels[2] = -100  # a row without labels
+    total, weight = loss_module.shifted_loss_terms(head(hidden), labels, weighting)
+    total.backward()
+    want_h, want_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    fused_total, fused_weight = loss_module.fused_loss_terms(hidden, head, labels, weighting)
+    fused_total.backward()
+    assert torch.allclose(fused_total, total, atol=1e-5) and torch.equal(fused_weight, weight)
+    assert torch.allclose(hidden.grad, want_h, atol=1e-6)
+    assert torch.allclose(head.weight.grad, want_w, atol=1e-6)
+    assert hidden.grad[2].abs().sum() == 0 and hidden.grad[:, -1].abs().sum() == 0  # no label, no gradient
+
+
+def test_fused_loss_under_bf16_autocast_and_a_frozen_head():
+    """bf16 autocast (how training runs on GPUs): logits in bf16, softmax in fp32, within bf16 rounding of
+    the full-logits loss; a frozen head gets no gradient and the hidden states still do."""
+    from mm.loss import fused_loss_terms, shifted_loss_terms
+
+    torch.manual_seed(4)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 12, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = shifted_loss_terms(head(hidden), labels)
+        got, _ = fused_loss_terms(hidden, head, labels)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-2)
+    got.backward()
+    assert head.weight.grad is None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0

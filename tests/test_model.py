@@ -134,10 +134,12 @@ def test_left_padded_batch_generation_equals_per_sample(model_and_processor):
 def test_generation_stops_at_eos():
     model, proc = build_tiny(seed=5)
     eos = proc.tokenizer.eos_token_id
-    with torch.no_grad():  # make every next token the EOS: generation must stop after one step
-        model.llm.lm_head.weight.zero_()
-        model.llm.lm_head.weight[eos] = 1.0
-        model.llm.model.norm.weight.fill_(1.0)
+    with torch.no_grad():  # make every next token the EOS (whatever the hidden state): stop after one step
+        head = torch.nn.Linear(model.llm.lm_head.in_features, model.llm.lm_head.out_features)
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = 1.0
+        model.llm.lm_head = head
     feats = proc(*PROMPTS[0], for_generation=True)
     batch = proc.collate([feats], padding_side="left")
     new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=5)

@@ -247,20 +247,32 @@ def test_branch_batch_layout(tiny_processor):
 
 
 @pytest.mark.parametrize(
-    ("weighting", "attention", "delta"),
-    [("token", "sdpa", 1.0), ("answer", "sdpa", 1.0), ("token", "eager", 1.0), ("token", "sdpa", 0.5)],
+    ("weighting", "attention", "delta", "fused"),
+    [
+        ("token", "sdpa", 1.0, False),
+        ("answer", "sdpa", 1.0, False),
+        ("token", "eager", 1.0, False),
+        ("token", "sdpa", 0.5, False),
+        ("answer", "sdpa", 0.5, True),
+    ],
 )
-def test_branches_train_exactly_like_single_turn_conversations(weighting, attention, delta):
+def test_branches_train_exactly_like_single_turn_conversations(weighting, attention, delta, fused):
     """Same loss and same gradients as every question asked on its own: the branched layout (any number of
-    length groups) and the eager attention kernel (`train.attn_implementation`) are only faster schedules of
-    the same function, also with V2PE-style fractional visual positions."""
+    length groups), the eager attention kernel (`train.attn_implementation`) and the fused loss
+    (`train.fused_loss`: the LM head on labelled positions only, chunked) are only faster schedules of the
+    same function, also with V2PE-style fractional visual positions. The reference is always the plain
+    single-turn batch with full logits."""
     model, proc = build_tiny(visual_delta=delta, seed=2)
     model.loss_weighting = weighting
     model.train()
     model.experts.eval()  # BatchNorm on running statistics: the unrolled batch repeats images
     model.llm.set_attn_implementation(attention)
     losses, grads = [], []
-    for batch in (_single_turn_batch(proc), _branched_batch(proc, groups=1), _branched_batch(proc, groups=3)):
+    batches = [_single_turn_batch(proc), _branched_batch(proc, groups=1), _branched_batch(proc, groups=3)]
+    if fused:
+        batches.append(_single_turn_batch(proc))
+    for k, batch in enumerate(batches):
+        model.fused_loss = fused and k > 0
         model.zero_grad()
         loss = model(**batch).loss
         loss.backward()
@@ -268,7 +280,7 @@ def test_branches_train_exactly_like_single_turn_conversations(weighting, attent
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert model.llm.config._attn_implementation == attention
     assert 3.0 < losses[0].item() < 9.0
-    for other in (1, 2):
+    for other in range(1, len(batches)):
         assert torch.allclose(losses[0], losses[other], atol=1e-5), losses
         assert grads[0].keys() == grads[other].keys() and any("experts" in n for n in grads[0])
         for name, g in grads[0].items():

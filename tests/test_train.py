@@ -226,3 +226,25 @@ def test_progress_bar_shows_the_budget_that_will_stop_the_run():
     steps = Progress(Schedule(3000, 50, 0.05), state, "train", enabled=True)
     assert steps.bar.total == 3000 and steps.bar.n == 2000 and "2000/3000" in str(steps.bar)
     steps.close()
+
+
+@pytest.mark.slow  # inductor compiles the decoder layer on the CPU (~1 min)
+def test_compiled_decoder_layers_train_to_the_same_losses(data_dir, tmp_path):
+    """train.compile: every LLM decoder layer through torch.compile, the same losses as eager (to float
+    summation order) and a final model that loads without compile."""
+    out = tmp_path / "compiled"
+    config = load_config(write_config(tmp_path / "config.yaml", data_dir, out))
+    config.train.compile = True
+    config.train.max_steps = 4
+    config.data.branch_turns = False  # one row layout: fewer shapes to compile
+    export = train(config, progress=False)
+    eager_out = tmp_path / "eager"
+    eager = load_config(write_config(tmp_path / "eager.yaml", data_dir, eager_out))
+    eager.train.max_steps, eager.data.branch_turns = 4, False
+    train(eager, progress=False)
+    compiled, plain = log_rows(out), log_rows(eager_out)
+    assert sorted(compiled) == sorted(plain) == [1, 2, 3, 4]
+    for step in plain:
+        assert compiled[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4), step
+    model, _ = load_vlm(export)
+    assert not any("_orig_mod" in name for name in model.state_dict())

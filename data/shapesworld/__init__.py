@@ -4,6 +4,7 @@ are known exactly, so a tiny VLM can be trained and scored on a CPU.
 - ``scene``: the world (shapes, colours, sizes, words), scene sampling and drawing;
 - ``tasks``: captions, questions, grounding and box description of a scene, as LLaVA records;
 - ``generate``: images + ``train/val/test.json`` + ``shapesworld.json`` on disk;
+- ``video``: mp4 clips (shapes move, appear, leave, change colour) and temporal questions;
 - ``scoring``: its QA-type breakdown, registered with the generic scorers of ``data.scoring``.
 """
 

@@ -75,6 +75,21 @@ class ExpertConfig:
         return d
 
 
+def set_hf_checkpointing(model: nn.Module, on: bool) -> None:
+    """An HF model's per-layer activation checkpointing on (non-reentrant) or off. transformers 5.2x renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name warns on every
+    call); the name the installed release has is used."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 class VisualExpert(nn.Module):
     """Base class: subclasses build ``self.model`` in ``build`` and implement ``tokens``."""
 
@@ -133,6 +148,21 @@ class VisualExpert(nn.Module):
             with torch.no_grad():
                 return self.tokens(x)
         return self.tokens(x)
+
+    def set_checkpointing(self, on: bool) -> bool:
+        """Recompute the tower's activations in the backward instead of keeping them (a trainable tower's
+        memory): timm's and open_clip's ``set_grad_checkpointing``, HF's activation checkpointing. Returns
+        whether the tower supports it (some timm models do not)."""
+        if hasattr(self.model, "set_grad_checkpointing"):
+            try:
+                self.model.set_grad_checkpointing(on)
+            except (AssertionError, NotImplementedError):  # timm: "gradient checkpointing not supported"
+                return False
+            return True
+        if getattr(self.model, "supports_gradient_checkpointing", False):
+            set_hf_checkpointing(self.model, on)
+            return True
+        return False
 
     def describe(self) -> str:
         h, w = self.grid_size
