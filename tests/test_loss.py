@@ -80,3 +80,17 @@ def test_fused_loss_under_bf16_autocast_and_a_frozen_head():
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-2)
     got.backward()
     assert head.weight.grad is None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0
+
+
+def test_loss_weight_survives_accelerates_fp32_output_conversion():
+    """Under mixed precision accelerate rebuilds the model's output from its fields (``convert_to_fp32``):
+    ``loss_weight`` is a field of ``VLMOutput``, so every rank still has the weight of its mean."""
+    from accelerate.utils.operations import convert_to_fp32
+
+    from mm.model import VLMOutput
+
+    out = convert_to_fp32(
+        VLMOutput(loss=torch.tensor(2.5, dtype=torch.bfloat16), loss_weight=torch.tensor(7.0))
+    )
+    assert isinstance(out, VLMOutput) and out.loss.dtype == torch.float32
+    assert out.loss_weight == 7.0
