@@ -8,6 +8,10 @@ same model, records and greedy decoding in every cell, so the differences are th
     python bench/kv_accuracy.py --out kv_acc --model DIR ...     # an already trained multi-image model
     python bench/kv_accuracy.py --out kv_acc --steps 3 --pool 100 --train-records 64 --records 8  # smoke
 
+By default the prompt's last token runs after the compression (``--hold-out 1``), so every answer token comes
+from the compressed cache; with ``--hold-out 0`` the first answer token comes from the whole prompt (what
+generation does by default) and one-token answers cannot show the compression.
+
 The budget is a share of each prompt's entries per layer; LOOK-M keeps every text token whatever the budget
 (its text prior), so its kept KV bytes can exceed the share: the table reports what each method kept.
 """
@@ -129,6 +133,13 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=150, help="test records per K")
     ap.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--hold-out",
+        type=int,
+        default=1,
+        help="prompt tokens run after the compression (1: every answer token comes from the compressed "
+        "cache; 0: the first one from the whole prompt, as in generation by default)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -165,7 +176,10 @@ def main() -> None:
             rows = {}
             for budget in args.budgets:
                 rows[str(budget)] = cell(
-                    engine, path, KVCompression(method, budget, seed=args.seed), args.records
+                    engine,
+                    path,
+                    KVCompression(method, budget, seed=args.seed, hold_out=args.hold_out),
+                    args.records,
                 )
             results[str(k)][method] = rows
             save(args, results, model_dir, train_minutes, engine)  # after every row: a cut run keeps it

@@ -152,5 +152,6 @@ def load_vlm(
     if model.config.video_token_id is None:  # saved before videos: <video> is a new, untrained token
         model.config.video_token_id = processor.video_token_id
         if model.get_input_embeddings().weight.shape[0] < len(processor.tokenizer):
-            model.llm.resize_token_embeddings(len(processor.tokenizer))
+            # mean_resizing=False: the row is never used by this model, and HF prints a note on every load
+            model.llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
     return model, processor

@@ -138,21 +138,26 @@ def generate(
     embeds = model.embed(input_ids, pixel_values)
     cache = DynamicCache(config=model.llm.config)
     specs = [None if s.kv is None or s.kv.is_full else s.kv for s in settings]
+    # prompt tokens run after the compression (left padding: every row's last ones are real tokens)
+    held = min(max((s.hold_out for s in specs if s is not None), default=0), input_ids.shape[1] - 1)
+    prompt = input_ids.shape[1] - held
     scored = [s for s in specs if s is not None and s.scores]
     # one scoring per kind for the whole batch: the widest window, and every query if any row asks for all
     max_queries = (
         None if any(s.queries is None for s in scored) else max((s.queries for s in scored), default=None)
     )
     hooks = {
-        kind: ScoreHooks(model.llm, cache, attention_mask, kind, max(s.window for s in scored), max_queries)
+        kind: ScoreHooks(
+            model.llm, cache, attention_mask[:, :prompt], kind, max(s.window for s in scored), max_queries
+        )
         for kind in {s.scores for s in scored}
     }
     try:
         out = model.run_llm(
             cache=cache,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=positions,
+            inputs_embeds=embeds[:, :prompt],
+            attention_mask=attention_mask[:, :prompt],
+            position_ids=positions[:, :prompt],
             use_cache=True,
             logits_to_keep=1,
         )
@@ -160,18 +165,28 @@ def generate(
         for h in hooks.values():
             h.remove()
     next_pos = next_positions(positions, attention_mask)  # logical: compression does not move them
-    mask = attention_mask
-    before = after = attention_mask.sum(1).tolist()
+    mask = attention_mask[:, :prompt]
+    before = after = mask.sum(1).tolist()
     if any(specs):
         row_scores = [hooks[s.scores].scores if s is not None and s.scores else None for s in specs]
         done = compress_cache(
             cache,
-            attention_mask,
-            model.visual_mask(input_ids),
+            mask,
+            model.visual_mask(input_ids)[:, :prompt],
             specs,
             _per_row(row_scores),
         )
         mask, before, after = done.mask, done.before, done.after
+    if held:
+        mask = torch.cat([mask, attention_mask[:, prompt:]], dim=1)
+        out = model.run_llm(
+            cache=cache,
+            inputs_embeds=embeds[:, prompt:],
+            attention_mask=mask,
+            position_ids=positions[:, prompt:],
+            use_cache=True,
+            logits_to_keep=1,
+        )
     if stats is not None:
         stats.update(
             kv_entries_before=before, kv_entries_after=after, kv_bytes_per_entry=cache_bytes_per_entry(cache)

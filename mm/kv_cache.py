@@ -43,7 +43,10 @@ class KVCompression:
     tokens (LOOK-M and H2O use half: the paper's 10% + 10%). ``window``: SnapKV's observation window and
     pooling ``kernel``; ``sinks``: StreamingLLM's first tokens; ``seed``: ``random``'s draw. ``queries``:
     LOOK-M / H2O score with at most this many prompt queries, evenly spaced and always the last (None: every
-    query, as the papers do; scoring with all of them costs 1.5-4.6x the prefill on a CPU, BENCHMARKS.md)."""
+    query, as the papers do; scoring with all of them costs 1.5-4.6x the prefill on a CPU, BENCHMARKS.md).
+    ``hold_out``: the prompt's last N tokens are left out of the compressed prefill and run on the compressed
+    cache, so every answer token (the first included) comes from it: what a follow-up turn sees, and how
+    accuracy against the budget is measured (with 0 the first answer token comes from the whole prompt)."""
 
     method: str = "full"
     budget: float = 1.0
@@ -54,6 +57,7 @@ class KVCompression:
     sinks: int = 4
     seed: int = 0
     queries: int | None = None
+    hold_out: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in KV_METHODS:
@@ -66,6 +70,8 @@ class KVCompression:
             raise ValueError(f"KV merge {self.merge!r}: choose from {list(MERGES)}")
         if not 0 <= self.recent <= 1:
             raise ValueError(f"KV recent share must be in [0, 1], got {self.recent}")
+        if self.hold_out < 0:
+            raise ValueError(f"KV hold_out must be >= 0 prompt tokens, got {self.hold_out}")
         if self.queries is not None and self.queries < 1:
             raise ValueError(f"KV scoring queries must be a positive count or None, got {self.queries}")
 

@@ -79,6 +79,36 @@ def test_a_full_budget_is_the_full_cache(engine, method, merge):
     assert torch.equal(tokens(engine, requests(KVCompression(method, 1.0, merge))), full)
 
 
+def test_held_out_prompt_tokens_run_on_the_compressed_cache(engine):
+    """hold_out: the prompt's last tokens run after the compression. With nothing evicted (a token budget
+    above every prompt's length) that is one prefill in two parts: the same tokens as the full cache, for a
+    padded batch. With eviction the first answer token comes from the compressed cache, so it can change."""
+    full = tokens(engine, requests(None))
+    for method in ("lookm", "h2o", "snapkv"):
+        kept_all = KVCompression(method, 10_000, window=4, hold_out=3)
+        assert torch.equal(tokens(engine, requests(kept_all)), full), method
+    # a 2-entry cache: the held-out last token is the one that gives the first answer token, attending to
+    # the 2 kept entries and itself
+    calls = []
+    run = engine.model.run_llm
+
+    def spy(**kw):
+        if kw.get("inputs_embeds") is not None:
+            calls.append((kw["inputs_embeds"].shape[1], kw["attention_mask"].shape[1]))
+        return run(**kw)
+
+    reqs = requests(KVCompression("h2o", 2, window=1, hold_out=1), max_new_tokens=1)
+    width = engine._batch(reqs)["input_ids"].shape[1]
+    engine.model.run_llm = spy
+    try:
+        tokens(engine, reqs)
+    finally:
+        engine.model.run_llm = run
+    assert calls == [(width - 1, width - 1), (1, 3)]
+    with pytest.raises(ValueError, match="KV hold_out must be >= 0 prompt tokens, got -1"):
+        KVCompression("lookm", 0.2, hold_out=-1)
+
+
 @pytest.mark.parametrize("method,merge", METHODS)
 def test_a_padded_batch_equals_each_prompt_alone(engine, method, merge):
     kv = KVCompression(method, 0.5, merge, window=4)
