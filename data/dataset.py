@@ -121,17 +121,24 @@ class ConversationDataset(Dataset):
 class Collator:
     """Drops samples whose media failed (reported under ``skipped``) and pads the rest."""
 
-    def __init__(self, processor: VLMProcessor, padding_side: str = "right", branch_groups: int = 2):
+    def __init__(
+        self,
+        processor: VLMProcessor,
+        padding_side: str = "right",
+        branch_groups: int = 2,
+        pack_to: int | None = None,
+    ):
         self.processor = processor
         self.padding_side = padding_side
         self.branch_groups = branch_groups  # branch rows run in this many length groups (VLM.forward)
+        self.pack_to = pack_to  # data.packing: samples share rows of at most this many tokens
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         good = [s for s in samples if "skip" not in s]
         batch: dict[str, Any] = {}
         if good:
             batch = self.processor.collate(
-                good, padding_side=self.padding_side, branch_groups=self.branch_groups
+                good, padding_side=self.padding_side, branch_groups=self.branch_groups, pack_to=self.pack_to
             )
         batch["skipped"] = [s["skip"] for s in samples if "skip" in s]
         batch["ids"] = [s["id"] for s in good]

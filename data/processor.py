@@ -54,6 +54,19 @@ def _pad_pairs(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int)
     return ids, _pad([[1] * len(i) for i, _ in rows], 0), _pad([lab for _, lab in rows], IGNORE_INDEX)
 
 
+def _batch_pixels(features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor] | None:
+    """Pixels of all images, then (under ``video:<expert>``) the frames of all videos, in feature order."""
+    pixel_values = None
+    with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
+    if with_pixels:
+        pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
+    with_videos = [f["video_values"] for f in features if f.get("video_values")]
+    if with_videos:
+        videos = {VIDEO_PIXELS + n: torch.cat([v[n] for v in with_videos]) for n in with_videos[0]}
+        pixel_values = {**(pixel_values or {}), **videos}
+    return pixel_values
+
+
 @dataclass
 class BranchBatch:
     """Single-turn branches, each continuing the prefix row ``owner[i]`` of its batch (``VLM.forward``).
@@ -347,16 +360,26 @@ class VLMProcessor:
 
     # -- batching -------------------------------------------------------------------------------------
     def collate(
-        self, features: Sequence[Mapping[str, Any]], *, padding_side: str = "right", branch_groups: int = 2
+        self,
+        features: Sequence[Mapping[str, Any]],
+        *,
+        padding_side: str = "right",
+        branch_groups: int = 2,
+        pack_to: int | None = None,
     ) -> dict[str, Any]:
         """Pad to the longest sequence; concatenate pixels of all images (and, under ``video:<expert>``, the
         frames of all videos) in placeholder order.
 
         Features from ``tokenize_branched`` add ``branches`` (a ``BranchBatch``); ``labels`` is then None when
         no prefix token is labelled (the usual case), so the model skips the prefix rows' LM head.
+        ``pack_to`` (``data.packing``): consecutive samples share a row of at most that many tokens; the batch
+        gains ``segment_ids`` (1, 2, ... per sample in its row, 0 on padding), from which the model restarts
+        positions per sample and keeps attention inside each sample.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if pack_to is not None:
+            return self._collate_packed(features, pack_to)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = _pad([f["input_ids"] for f in features], pad_id, padding_side)
         mask = _pad([[1] * len(f["input_ids"]) for f in features], 0, padding_side)
@@ -372,14 +395,7 @@ class VLMProcessor:
         for row, f in enumerate(features):
             if f.get("image_deltas"):
                 deltas[row, : len(f["image_deltas"])] = torch.tensor(f["image_deltas"], dtype=torch.float64)
-        pixel_values = None
-        with_pixels = [f["pixel_values"] for f in features if f.get("pixel_values")]
-        if with_pixels:
-            pixel_values = {name: torch.cat([p[name] for p in with_pixels]) for name in with_pixels[0]}
-        with_videos = [f["video_values"] for f in features if f.get("video_values")]
-        if with_videos:
-            videos = {VIDEO_PIXELS + n: torch.cat([v[n] for v in with_videos]) for n in with_videos[0]}
-            pixel_values = {**(pixel_values or {}), **videos}
+        pixel_values = _batch_pixels(features)
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -398,6 +414,40 @@ class VLMProcessor:
             batch["branches"] = BranchBatch.from_rows(rows, pad_id, branch_groups)
             if bool((labels == IGNORE_INDEX).all()):
                 batch["labels"] = None
+        return batch
+
+    def _collate_packed(self, features: Sequence[Mapping[str, Any]], pack_to: int) -> dict[str, Any]:
+        """``collate`` with consecutive samples packed into rows of at most ``pack_to`` tokens (a longer
+        sample gets a row of its own); rows keep the samples' order, so pixels stay in placeholder order."""
+        if any(f.get("branches") for f in features):
+            raise ValueError("branched features cannot be packed: turn off data.branch_turns or data.packing")
+        rows: list[list[Mapping[str, Any]]] = []
+        length = 0
+        for f in features:
+            n = len(f["input_ids"])
+            if not rows or length + n > pack_to:
+                rows.append([])
+                length = 0
+            rows[-1].append(f)
+            length += n
+        merged = []
+        for row in rows:
+            deltas = [
+                d for f in row for d in (f.get("image_deltas") or [self.delta] * self._blocks(f["input_ids"]))
+            ]
+            merged.append(
+                {
+                    "input_ids": [t for f in row for t in f["input_ids"]],
+                    "labels": [t for f in row for t in f.get("labels", [IGNORE_INDEX] * len(f["input_ids"]))],
+                    "segment_ids": [k + 1 for k, f in enumerate(row) for _ in f["input_ids"]],
+                    "image_deltas": deltas,
+                    "pixel_values": None,
+                    "video_values": None,
+                }
+            )
+        batch = self.collate(merged)
+        batch["segment_ids"] = _pad([m["segment_ids"] for m in merged], 0, "right")
+        batch["pixel_values"] = _batch_pixels(features)
         return batch
 
     def _blocks(self, ids: Sequence[int] | torch.Tensor) -> int:

@@ -5,16 +5,15 @@ that arrive together, so there is no controller / worker split (LLaVA's) to keep
 own ``Conversation`` in a ``gr.State``. Answers stream token by token; boxes in an answer are parsed in the
 model's own box format and drawn on the image beside the chat.
 
-Safe by default: it listens on 127.0.0.1, never opens a share link, accepts only image uploads up to a size
-limit, keeps uploads in a private temporary folder that is deleted on exit, and serves no file outside that
-folder and the bundled examples (nor proxies remote URLs). A model directory that is missing or does not
-load gives a page that says so, not a stack trace.
+Safe by default: it listens on 127.0.0.1, never opens a share link, accepts only image and video uploads
+(mp4, webm, mkv, avi, mov) up to a size limit, keeps uploads in a private temporary folder that is deleted on
+exit, and serves no file outside that folder and the bundled examples (nor proxies remote URLs). A model
+directory that is missing or does not load gives a page that says so, not a stack trace.
 """
 
 from __future__ import annotations
 
 import logging
-import mimetypes
 import os
 import shutil
 import signal
@@ -51,17 +50,30 @@ REMOTE_REFUSED = "remote URLs are not served by this demo"
 # -- media kinds ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MediaKind:
-    """One kind of upload: what the upload box accepts (Gradio's ``file_types``) and how a file becomes
-    model input. A video kind (frames as images) adds an entry here, and the chat handler passes it on."""
+    """One kind of upload: what the upload box accepts (Gradio's ``file_types``: a MIME category such as
+    ``"image"`` or a suffix such as ``".mp4"``) and how a file becomes model input (``load(path, processor)``;
+    with no processor a video stays a path, decoded by the engine)."""
 
     name: str
     file_types: tuple[str, ...]
-    mime_prefix: str
-    load: Callable[[str], Image.Image]
+    load: Callable[[str, Any], Any]
+
+    def accepts(self, path: str) -> bool:
+        """Gradio's own test of an upload against ``file_types``, so the box and the handler agree."""
+        from gradio_client.utils import is_valid_file
+
+        return is_valid_file(path, list(self.file_types))
+
+
+def _load_video(path: str, processor: Any) -> Any:
+    """The model's frames (its saved ``data.video`` sampling, shrunk while decoding), decoded once here so a
+    bad file is refused before the question is shown; the path itself when there is no processor."""
+    return path if processor is None else processor.load_video(path)
 
 
 MEDIA_KINDS = {
-    "image": MediaKind("image", ("image",), "image/", lambda path: load_image(path, max_pixels=MAX_PIXELS)),
+    "image": MediaKind("image", ("image",), lambda path, _: load_image(path, max_pixels=MAX_PIXELS)),
+    "video": MediaKind("video", (".mp4", ".webm", ".mkv", ".avi", ".mov"), _load_video),
 }
 
 
@@ -71,23 +83,25 @@ def accepted_file_types() -> list[str]:
 
 def media_kind(path: str) -> MediaKind:
     """The kind of an uploaded file by its name; ``ValueError`` for one the demo does not take."""
-    mime, _ = mimetypes.guess_type(path)
     for kind in MEDIA_KINDS.values():
-        if mime and mime.startswith(kind.mime_prefix):
+        if kind.accepts(path):
             return kind
     raise ValueError(f"{Path(path).name}: not a supported upload ({', '.join(MEDIA_KINDS)} only)")
 
 
-def load_media(paths: Sequence[str]) -> list[Image.Image]:
-    """Decode the uploads of one question, in order; a bad file's error names it, not the server's path."""
-    images = []
+def load_media(paths: Sequence[str], processor: Any = None) -> tuple[list[Image.Image], list[Any]]:
+    """Decode the uploads of one question, in order: ``(images, videos)``; a bad file's error names it, not
+    the server's path."""
+    loaded: dict[str, list[Any]] = {name: [] for name in MEDIA_KINDS}
     for path in paths:
         kind = media_kind(path)
         try:
-            images.append(kind.load(path))
-        except ValueError as err:  # MediaError: the reason, without the server's folder
-            raise ValueError(f"{Path(path).name}: {getattr(err, 'reason', err)}") from None
-    return images
+            loaded[kind.name].append(kind.load(path, processor))
+        except ValueError as err:  # MediaError: the reason, without the server's folder (a decoder names it)
+            name, reason = Path(path).name, str(getattr(err, "reason", err))
+            reason = reason.replace(str(path), name).replace(str(Path(path).parent), "…")
+            raise ValueError(f"{name}: {reason}") from None
+    return loaded["image"], loaded["video"]
 
 
 # -- what is shown ----------------------------------------------------------------------------------------
@@ -122,7 +136,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_stats(answer: Any, boxes: int) -> str:
-    """One line under the chat: speed, the visual tokens the images cost and the KV cache held."""
+    """One line under the chat: speed, the visual tokens the images and videos cost and the KV cache held."""
     kv = format_bytes(answer.kv_bytes)
     prompt_kv = getattr(answer, "kv_bytes_prompt", None)
     if prompt_kv is not None and prompt_kv != answer.kv_bytes:
@@ -130,7 +144,8 @@ def format_stats(answer: Any, boxes: int) -> str:
     parts = [
         f"**{answer.tokens_per_s:.1f} tokens/s** ({answer.new_tokens} tokens in {answer.seconds:.2f} s, "
         f"first after {answer.first_token_seconds:.2f} s)",
-        f"{answer.visual_tokens} visual tokens of {answer.prompt_tokens} in the prompt",
+        f"{answer.visual_tokens} visual tokens of {answer.prompt_tokens} in the prompt"
+        + (f" (video: {answer.video_tokens})" if getattr(answer, "video_tokens", 0) else ""),
         f"KV cache {kv}",
         f"{boxes} box{'es' if boxes != 1 else ''} drawn",
     ]
@@ -176,7 +191,7 @@ def chat_fn(engine: Any) -> Callable[..., Iterator[tuple]]:
         # an empty chat is a new conversation (an API client that sends no history, or a cleared chat)
         conversation = conversation if conversation is not None and history else Conversation()
         try:
-            images = load_media(files)
+            images, videos = load_media(files, engine.processor)
             settings = GenerationSettings(
                 max_new_tokens=int(max_new_tokens),
                 do_sample=float(temperature) > 0,
@@ -185,7 +200,11 @@ def chat_fn(engine: Any) -> Callable[..., Iterator[tuple]]:
                 seed=int(seed),
             )
             request = conversation.request(
-                message.get("text") or "", images, settings, None if delta is None else float(delta)
+                message.get("text") or "",
+                images,
+                settings,
+                None if delta is None else float(delta),
+                videos=videos,
             )
             engine.prepare(request)  # a prompt that cannot be answered is refused before it is shown
         except ValueError as err:
@@ -241,8 +260,8 @@ def build_app(
         proc, config = engine.processor, engine.model.config
         gr.Markdown(
             f"# {title}\nModel `{model_dir}` · {proc.tokens_per_image} visual tokens per image · boxes as "
-            f"`{proc.box_format.template}` in 0..{proc.box_format.frame}. Attach an image with the clip, "
-            "ask a question; follow-up questions keep the conversation."
+            f"`{proc.box_format.template}` in 0..{proc.box_format.frame}. Attach an image or a video "
+            "with the clip, ask a question; follow-up questions keep the conversation."
         )
         conversation = gr.State(None)
         with gr.Row():
@@ -257,7 +276,7 @@ def build_app(
                 textbox = gr.MultimodalTextbox(
                     file_types=accepted_file_types(),
                     file_count="multiple",
-                    placeholder="Ask about an image (attach one with the clip)",
+                    placeholder="Ask about an image or a video (attach one with the clip)",
                     show_label=False,
                     elem_id="ask",
                     autofocus=True,

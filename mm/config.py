@@ -118,6 +118,9 @@ class DataConfig:
     # batches of similar-length samples (HF's group_by_length: sorted within megabatches of 50 batches):
     # less padding on data whose lengths vary; the order stays seeded and resumable
     group_by_length: bool = False
+    # several samples per row (up to max_length tokens) with positions and attention kept per sample
+    # (mm/model.py restart_positions, segment_attention_mask): no padding between short samples
+    packing: bool = False
     # the deltas V2PE training draws from, one per image (the paper's {1, 1/2, ..., 1/256}); model.v2pe only
     v2pe_deltas: list[float] = field(default_factory=lambda: list(V2PE_DELTAS))
     # how a video file becomes frames (data/video_frames.py): sampling, reader, the middle-frame baseline
@@ -177,6 +180,11 @@ class RunConfig:
             raise ValueError(
                 f"data.video gives {self.data.video.frames_per_video} frame(s) per video, fewer than "
                 f"model.video.segments={self.model.video.segments}: each segment pools at least one frame"
+            )
+        if self.data.branch_turns and self.data.packing:
+            raise ValueError(
+                "data.packing: a packed row holds whole samples, a branched sample is a prefix and its "
+                "branches; turn off one of data.branch_turns and data.packing"
             )
         if self.data.branch_turns and self.train.gradient_checkpointing:
             raise ValueError(

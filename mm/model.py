@@ -35,6 +35,31 @@ from .rope import install_precise_rotary, rotary_modules
 from .video import VideoPooling, pool_video, video_layout, video_tokens
 
 
+def restart_positions(positions: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of packed rows restarted at each sample: minus the position of the sample's first token.
+    Exact for V2PE's rule too: a sample starts after a text token or a ceiled image, at an integer."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    previous = torch.cat([torch.full_like(segment_ids[:, :1], -1), segment_ids[:, :-1]], dim=1)
+    first = torch.where(segment_ids != previous, index, torch.zeros_like(index)).cummax(dim=1).values
+    return positions - positions.gather(1, first)
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The ``[B, 1, L, L]`` mask of packed rows: causal inside each sample, nothing across samples; a padding
+    query sees itself only (no empty softmax rows). Boolean (``dtype`` None: SDPA, True = attend) or additive
+    in ``dtype`` (eager attention adds it). HF passes a 4-D mask through unchanged."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = (same & causal & (segment_ids[:, None, :] > 0)) | torch.eye(
+        length, dtype=torch.bool, device=segment_ids.device
+    )
+    if dtype is None:
+        return allowed[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 @dataclass
 class VLMOutput(CausalLMOutputWithPast):
     """HF's causal-LM output plus ``loss_weight``: the label weight behind ``loss`` (ranks weigh their means
@@ -307,11 +332,13 @@ class VLM(PreTrainedModel):
         use_cache: bool | None = None,
         branches: BranchBatch | None = None,
         image_deltas: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """HF-standard forward; ``branches`` (from ``VLMProcessor.tokenize_branched``) trains single-turn
         branches that continue the rows of ``input_ids`` (see ``_forward_branches``); ``image_deltas``
-        (from the processor: V2PE's per-image delta) set the positions when ``position_ids`` is not given."""
+        (from the processor: V2PE's per-image delta) set the positions when ``position_ids`` is not given;
+        ``segment_ids`` (packed rows, ``data.packing``): positions restart and attention stays per sample."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if branches is not None:
@@ -320,11 +347,16 @@ class VLM(PreTrainedModel):
             )
         if position_ids is None:
             position_ids = self.position_ids_for(input_ids, attention_mask, image_deltas=image_deltas)
+        embeds = self.embed(input_ids, pixel_values)
+        if segment_ids is not None:
+            position_ids = restart_positions(position_ids, segment_ids)
+            eager = self.llm.config._attn_implementation == "eager"
+            attention_mask = segment_attention_mask(segment_ids, embeds.dtype if eager else None)
         fused = self.fused_loss and labels is not None and past_key_values is None and not use_cache
         out = self.run_llm(
             cache=past_key_values,
             hidden_only=fused,
-            inputs_embeds=self.embed(input_ids, pixel_values),
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=bool(use_cache),

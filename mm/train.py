@@ -323,7 +323,7 @@ class Trainer:
             lengths=self.train_set.lengths() if cfg.data.group_by_length else None,
             batch_size=cfg.train.batch_size,
         )
-        self.collate = Collator(self.processor)
+        self.collate = Collator(self.processor, pack_to=cfg.data.max_length if cfg.data.packing else None)
 
     def _setup_optimisation(self, model: VLM, start: Checkpoint | None) -> None:
         t, acc = self.cfg.train, self.accelerator

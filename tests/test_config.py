@@ -61,6 +61,7 @@ def test_defaults_are_typed_sections():
             ["data.branch_turns=true", "train.gradient_checkpointing=true"],
             "data.branch_turns: branches reuse",
         ),
+        (["data.branch_turns=true", "data.packing=true"], "data.packing: a packed row holds whole samples"),
     ],
 )
 def test_bad_keys_and_values_are_rejected_with_their_path(overrides, message):

@@ -9,7 +9,9 @@ import re
 import sys
 from pathlib import Path
 
+import av
 import httpx
+import numpy as np
 import pytest
 from demo_helpers import (
     GROUND_ANSWER,
@@ -89,10 +91,18 @@ def test_display_image_enlarges_and_draws_each_box_in_its_colour():
     assert demo_app.display_image(image).getcolors() == [(384 * 256, (200, 200, 200))]  # no box, no ink
 
 
-def test_uploads_other_than_images_are_refused_by_name(tmp_path):
-    assert demo_app.accepted_file_types() == ["image"]
-    with pytest.raises(ValueError, match=r"notes\.txt: not a supported upload \(image only\)"):
-        demo_app.load_media([str(tmp_path / "notes.txt")])
+def test_uploads_other_than_images_and_videos_are_refused_by_name(tmp_path):
+    assert demo_app.accepted_file_types() == ["image", ".mp4", ".webm", ".mkv", ".avi", ".mov"]
+    assert [demo_app.media_kind(f"a{s}").name for s in (".png", ".JPG", ".mp4", ".MOV", ".mkv")] == [
+        "image",
+        "image",
+        "video",
+        "video",
+        "video",
+    ]
+    for name in ("notes.txt", "clip.flv", "clip.mpg"):  # .flv / .mpg are videos, but not ones the box takes
+        with pytest.raises(ValueError, match=rf"^{name}: not a supported upload \(image, video only\)$"):
+            demo_app.load_media([str(tmp_path / name)])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"^broken\.png: ") as err:
@@ -136,6 +146,79 @@ def test_chat_streams_the_answer_draws_its_box_and_keeps_the_conversation(engine
     assert fresh[-1][0][-1]["content"] == GROUND_ANSWER and len(fresh[-1][4].turns) == 2
     with pytest.raises(gr.Error, match="empty prompt"):
         next(chat({"text": "  ", "files": [example["image"]]}, [], None, 8, 0, 1, 0))
+
+
+VIDEO_SIDE = 32
+
+
+def write_clip(path: Path, frames: int = 8) -> str:
+    """A tiny mp4 (PyAV, as tests/test_video.py writes them) whose frame i is grey level 20 + 25 i."""
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = VIDEO_SIDE, VIDEO_SIDE, "yuv420p"
+        for i in range(frames):
+            pixels = np.full((VIDEO_SIDE, VIDEO_SIDE, 3), 20 + 25 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def test_chat_takes_videos_alone_and_beside_images_and_reports_their_tokens(engine, tmp_path):
+    import gradio as gr
+
+    proc = engine.processor
+    chat = demo_app.chat_fn(engine)
+    clip = write_clip(tmp_path / "clip.mp4")
+    *_, (history, textbox, shown, stats, conversation) = chat(
+        {"text": "What happens?", "files": [clip]}, [], None, 4, 0, 1, 0
+    )
+    assert history[0] == {"role": "user", "content": {"path": clip}}  # the chat shows the video
+    assert history[1] == {"role": "user", "content": "What happens?"} and history[2]["role"] == "assistant"
+    assert conversation.turns[0] == {"from": "human", "value": "<video>\nWhat happens?"}
+    # the engine got the frames the model's data.video settings sample, decoded once by the demo
+    (frames,) = conversation.videos
+    assert frames.dtype == np.uint8 and frames.shape[0] == proc.video.frames_per_video
+    assert frames.shape[1:] == (VIDEO_SIDE, VIDEO_SIDE, 3)
+    means = frames.mean(axis=(1, 2, 3))
+    assert means[0] < 40 and means[-1] > 170 and np.all(np.diff(means) >= -2)  # in time order, dark to light
+    ids = proc(conversation.turns[:1], [], videos=[clip], for_generation=True)["input_ids"]
+    ids = list(np.asarray(ids).reshape(-1))
+    video_tokens = ids.count(proc.video_token_id)
+    assert video_tokens > 0 and ids.count(proc.image_token_id) == 0
+    assert f" {video_tokens} visual tokens of {len(ids)} in the prompt (video: {video_tokens}) · " in stats
+    assert shown is None and textbox.interactive is True  # no image to draw boxes on
+    # an image and a video in one message: both placeholders, both counted, the image beside the chat
+    image = ground_example()["image"]
+    *_, (history, _, shown, stats, conversation) = chat(
+        {"text": "Compare them.", "files": [image, clip]}, [], None, 4, 0, 1, 0
+    )
+    assert [h["content"] for h in history[:2]] == [{"path": image}, {"path": clip}]
+    assert conversation.turns[0]["value"] == "<image>\n<video>\nCompare them."
+    assert len(conversation.images) == 1 and len(conversation.videos) == 1 and shown.size == (384, 384)
+    both = proc.tokens_per_image + video_tokens
+    assert f" {both} visual tokens of " in stats and f"(video: {video_tokens})" in stats
+    # a corrupt mp4: a clear error naming the file (not the server's folder), nothing kept; the chat goes on
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    with pytest.raises(gr.Error) as err:
+        next(chat({"text": "And this?", "files": [str(broken)]}, history, conversation, 4, 0, 1, 0))
+    assert err.value.message.startswith(
+        "broken.mp4: not a readable video (corrupt, truncated or not a video)"
+    )
+    assert err.value.title == "Cannot ask that" and str(tmp_path) not in err.value.message
+    assert len(conversation.turns) == 2 and len(conversation.videos) == 1
+    *_, (after, _, _, stats, conversation) = chat(
+        {"text": "And now?", "files": [clip]}, history, conversation, 4, 0, 1, 0
+    )
+    assert len(after) == len(history) + 3 and len(conversation.turns) == 4 and len(conversation.videos) == 2
+    assert f"(video: {2 * video_tokens})" in stats
+    # a type the box does not take is refused by the handler as well, by name
+    with pytest.raises(gr.Error) as err:
+        next(chat({"text": "This?", "files": [str(tmp_path / "clip.flv")]}, [], None, 4, 0, 1, 0))
+    assert err.value.message == "clip.flv: not a supported upload (image, video only)"
 
 
 # -- the server: what it refuses ------------------------------------------------------------------------
@@ -190,6 +273,23 @@ def test_chat_api_refuses_other_file_types_and_streams_answers(server, tmp_path)
     # the same session asking again without history gets the same greedy answer (a new conversation)
     again = client.predict(message, [], 64, 0, 1, 0, api_name="/chat")[0]
     assert again[-1]["content"][0]["text"] == GROUND_ANSWER and len(again) == 3
+
+
+def test_chat_api_takes_video_files_of_the_listed_types_only(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False, download_files=False)
+    clip = write_clip(tmp_path / "clip.mp4")
+    history, *_, stats = client.predict(
+        {"text": "What happens?", "files": [handle_file(clip)]}, [], 4, 0, 1, 0, api_name="/chat"
+    )[:4]
+    assert history[0]["content"][0]["file"]["path"].endswith("clip.mp4")  # uploaded and shown in the chat
+    assert re.search(r"in the prompt \(video: [1-9]\d*\) · ", stats)
+    flv = tmp_path / "clip.flv"
+    flv.write_bytes(Path(clip).read_bytes())
+    with pytest.raises(AppError, match="Invalid file type"):
+        client.predict({"text": "And this?", "files": [handle_file(flv)]}, [], 4, 0, 1, 0, api_name="/chat")
 
 
 def test_missing_model_serves_a_clear_error_page_on_localhost(tmp_path):

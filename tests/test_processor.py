@@ -297,3 +297,41 @@ def test_processor_settings_roundtrip(tmp_path, tiny_model, tiny_processor):
     assert loaded.tokenize(conv, 1) == tiny_processor.tokenize(conv, 1)
     with pytest.raises(FileNotFoundError, match="no processor settings"):
         VLMProcessor.from_pretrained(tmp_path / "nowhere", {})
+
+
+@pytest.mark.parametrize(
+    ("attention", "delta", "weighting"), [("sdpa", 0.5, "answer"), ("eager", 1.0, "token")]
+)
+def test_packed_rows_train_exactly_like_padded_rows(attention, delta, weighting):
+    """data.packing: the multi-turn and single-turn records packed into rows of at most 140 tokens give the
+    loss and gradients of the same samples padded one per row: positions restart per sample (V2PE's
+    fractional ones too) and no sample attends to another."""
+    model, proc = build_tiny(visual_delta=delta, seed=2)
+    model.loss_weighting = weighting
+    model.train()
+    model.experts.eval()
+    model.llm.set_attn_implementation(attention)
+    feats = [proc(conv, [image]) for conv, image in RECORDS]
+    feats += [proc(conv[:2], [image]) for conv, image in RECORDS]
+    pack_to = 140
+    packed = proc.collate(feats, pack_to=pack_to)
+    padded = proc.collate(feats)
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert packed["input_ids"].shape[0] < len(feats) and packed["input_ids"].shape[1] <= max(
+        pack_to, *lengths
+    )
+    assert packed["segment_ids"].max() >= 2  # some row holds several samples
+    assert (packed["segment_ids"] > 0).sum() == sum(lengths) == padded["attention_mask"].sum()
+    losses, grads = [], []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-5, rtol=1e-4), name
+    with pytest.raises(ValueError, match="branched features cannot be packed"):
+        proc.collate([proc.tokenize_branched(THREE_TURNS, 1)], pack_to=pack_to)
