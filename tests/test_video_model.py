@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from conftest import solid_image
 from data.dataset import Collator, ConversationDataset
 from data.media import MediaPaths
 from data.schema import SchemaError, validate_record
+from data.shapesworld.video import encode_mp4
 from data.video_frames import VideoSettings, fit_frames, load_frames
 from mm.build import load_vlm, save_vlm
 from mm.inference import Assistant, Engine, Request
@@ -39,16 +39,8 @@ def _frame_id(pixels: np.ndarray) -> int:
 
 
 def _write(path, frames: int):
-    """A tiny mp4 whose frame i shows i (PyAV, as tests/test_video.py writes them)."""
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=8)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_frame(i), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    """A tiny mp4 whose frame i shows i."""
+    path.write_bytes(encode_mp4(np.stack([_frame(i) for i in range(frames)]), fps=8))
     return path
 
 
