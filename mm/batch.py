@@ -10,10 +10,13 @@ twice. A bad image is one error row naming the file, never the end of the run. U
 for every marker and merges the rank files into OUT in input order, one row per id. A single-process run
 first folds in rank files an interrupted multi-process run left behind.
 
-Inputs (``read_inputs``): a folder (its image files, recursively, sorted), a glob, an image file, a text file
-with one path per line, a JSON / JSONL list of ``{"id", "image"}`` (optional ``prompt``, ``object``,
-``meta``), or a LLaVA ``.json`` / ``.jsonl`` (``data.schema``), whose ``meta`` is the ground truth that
-``--eval`` scores with ``data.scoring`` (caption ``meta.objects``; grounding ``meta.box``).
+Inputs (``read_inputs``): a folder (its image and video files, recursively, sorted), a glob, an image or
+video file, a text file with one path per line, a JSON / JSONL list of ``{"id", "image"}`` (optional
+``prompt``, ``object``, ``meta``), or a LLaVA ``.json`` / ``.jsonl`` (``data.schema``), whose ``meta`` is the
+ground truth that ``--eval`` scores with ``data.scoring`` (caption ``meta.objects``; grounding ``meta.box``).
+A video (by its suffix, ``VIDEO_SUFFIXES``) is captioned from the frames the model's saved ``data.video``
+settings sample (``<video>`` instead of ``<image>``; its row says ``"media": "video"``); grounding takes
+images only, so a video given to ``mm ground`` is an error row.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from data.media import MediaError, MediaPaths, load_image
-from data.schema import IMAGE_TOKEN, image_list, load_record_file, write_bytes_atomic
+from data.schema import IMAGE_TOKEN, VIDEO_TOKEN, image_list, load_record_file, video_list, write_bytes_atomic
 
 try:  # POSIX: one writer per results file
     import fcntl
@@ -47,10 +50,12 @@ TASKS = ("caption", "ground")
 # The first of ShapesWorld's caption and grounding questions (data/shapesworld/tasks.py): the wording the
 # quickstart models are trained on. ``{object}`` is replaced by the object to find.
 CAPTION_PROMPT = "Describe the image."
+VIDEO_CAPTION_PROMPT = "Describe what happens in the video."  # ShapesWorld video's first caption question
 GROUND_PROMPT = "Where is the {object}?"
 MAX_NEW_TOKENS = {"caption": 64, "ground": 32}  # data.scoring's budgets for caption / ground answers
 SCORED_TASK = {"caption": "caption", "ground": "ground"}  # the meta.task a LLaVA record of each job has
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")  # the demo's video uploads (demo/app.py)
 GLOB_CHARS = "*?["
 RUN_ID_VARS = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")  # tell one launch from another
 
@@ -67,6 +72,16 @@ class Item:
     label: str | None = None  # grounding: the object asked for (drawn beside its box)
     truth: dict[str, Any] | None = None
     error: str | None = None
+    media: str = "image"  # or "video" (by the file's suffix)
+
+
+def media_of(path: str | os.PathLike) -> str:
+    """``"video"`` for a video file's suffix, else ``"image"``."""
+    return "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
+
+
+def _not_groundable(item_id: str, path: Path) -> Item:
+    return Item(item_id, str(path), path, error=f"grounding takes images; {path} is a video", media="video")
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -105,16 +120,17 @@ def _read_source(source, task, prompt, obj, image_folder, media_roots) -> list[I
         files = sorted(
             p
             for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
+            if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
             and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise ValueError(f"{source}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            suffixes = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            raise ValueError(f"{source}: no image or video files in this folder ({suffixes})")
         return [_plain(p.relative_to(path).as_posix(), p, task, prompt, obj, source) for p in files]
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
             return [_plain(source, path, task, prompt, obj, source)]
         if suffix in (".json", ".jsonl"):
             return _read_structured(path, task, prompt, obj, image_folder, media_roots)
@@ -136,15 +152,19 @@ def _plain(
     source: str,
     row: dict[str, Any] | None = None,
 ) -> Item:
-    """An input that is just an image (from a folder, glob or list); ``row``: its JSON list entry."""
+    """An input that is just an image or a video (from a folder, glob or list); ``row``: its JSON list
+    entry."""
     row = row or {}
     meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
     own_prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
     template = own_prompt or prompt
+    media = media_of(path)
     if task == "caption":
-        text = template or CAPTION_PROMPT
+        text = template or (VIDEO_CAPTION_PROMPT if media == "video" else CAPTION_PROMPT)
         truth = _caption_truth(item_id, text, meta)
-        return Item(item_id, str(path), path, text, truth=truth)
+        return Item(item_id, str(path), path, text, truth=truth, media=media)
+    if media == "video":
+        return _not_groundable(item_id, path)
     label = obj or (row.get("object") if isinstance(row.get("object"), str) else None)
     if label is None and own_prompt is None:
         raise ValueError(
@@ -239,10 +259,10 @@ def _read_structured(path: Path, task, prompt, obj, image_folder, media_roots) -
 
 
 def _question(record: dict[str, Any]) -> str:
-    """The record's last question without its image placeholders."""
+    """The record's last question without its image and video placeholders."""
     turns = record["conversations"]
     human = [t["value"] for t in turns if t.get("from") == "human"]
-    return " ".join(human[-1].replace(IMAGE_TOKEN, " ").split()) if human else ""
+    return " ".join(human[-1].replace(IMAGE_TOKEN, " ").replace(VIDEO_TOKEN, " ").split()) if human else ""
 
 
 def _read_llava(path: Path, task, prompt, obj, image_folder, media_roots) -> list[Item]:
@@ -271,17 +291,25 @@ def _llava_item(rec, path: Path, media: MediaPaths, task, prompt, obj) -> Item:
 
     item_id = str(rec["id"])
     meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-    entries = image_list(rec)
+    images, videos = image_list(rec), video_list(rec)
+    entries = images + videos
     if len(entries) != 1:
-        reason = f"{path}: record {item_id!r} has {len(entries)} images; mm {task} takes one image per input"
+        reason = (
+            f"{path}: record {item_id!r} has {len(images)} images and {len(videos)} videos; mm {task} takes "
+            "one image (or, for captions, one video) per input"
+        )
         return Item(item_id, ", ".join(map(str, entries)), error=reason)
     try:
         full = media.resolve(entries[0])
     except MediaError as err:
         return Item(item_id, str(entries[0]), error=f"{path}: record {item_id!r}: {err}")
+    kind = "video" if videos else "image"
     if task == "caption":  # a caption record's own question: ShapesWorld words them several ways
-        text = prompt or (_question(rec) if task_of(rec) == "caption" else "") or CAPTION_PROMPT
-        return Item(item_id, str(full), full, text, truth=_caption_truth(item_id, text, meta))
+        default = VIDEO_CAPTION_PROMPT if videos else CAPTION_PROMPT
+        text = prompt or (_question(rec) if task_of(rec) == "caption" else "") or default
+        return Item(item_id, str(full), full, text, truth=_caption_truth(item_id, text, meta), media=kind)
+    if videos:
+        return _not_groundable(item_id, full)
     if obj is not None:  # the record's own truth is about another object
         return Item(item_id, str(full), full, (prompt or GROUND_PROMPT).replace("{object}", obj), label=obj)
     target = meta.get("target") if isinstance(meta.get("target"), str) else None
@@ -592,45 +620,60 @@ def _device(requested: str | None, world: int) -> str | None:
     return requested
 
 
-def _load(item: Item) -> Image.Image | str:
-    """The decoded image, or the reason it cannot be used (naming the file)."""
+def _load(item: Item, processor: Any = None) -> Any:
+    """The decoded image, a video's frames (uint8 ``[F, H, W, 3]``, sampled by ``processor.load_video``:
+    the model's saved ``data.video``), or the reason it cannot be used (a string naming the file)."""
     if item.error is not None:
         return item.error
     try:
-        return load_image(item.path)
+        return processor.load_video(item.path) if item.media == "video" else load_image(item.path)
     except (MediaError, OSError) as err:
         return str(err) if isinstance(err, MediaError) else f"{item.path}: {err}"
 
 
-def answer_batch(
-    engine: Any, task: str, batch: Sequence[Item], images: Sequence[Image.Image | str], settings
-):
+def _still(media: Any) -> Image.Image:
+    """What ``--draw`` draws on: the image, or a video's middle sampled frame."""
+    return media if isinstance(media, Image.Image) else Image.fromarray(media[len(media) // 2])
+
+
+def answer_batch(engine: Any, task: str, batch: Sequence[Item], images: Sequence[Any], settings):
     """One row per input of the batch, in order: the answer (with boxes in pixels for grounding), or an
-    error row for an image or prompt that cannot be used; one padded ``engine.generate`` for the rest."""
+    error row for an image, video or prompt that cannot be used; one padded ``engine.generate`` for the
+    rest (images and videos mixed). ``images``: ``_load``'s per input."""
     from .inference import Request, user_turn
+
+    def head(item: Item) -> dict[str, Any]:  # a video row says so; an image row stays as it always was
+        return {"id": item.id, "image": item.image, **({"media": "video"} if item.media == "video" else {})}
 
     rows: list[dict[str, Any] | None] = [None] * len(batch)
     requests, slots = [], []
     for k, (item, image) in enumerate(zip(batch, images)):
         if isinstance(image, str):
-            rows[k] = {"id": item.id, "image": item.image, "error": image}
+            rows[k] = {**head(item), "error": image}
             continue
         try:
-            request = Request([user_turn(item.prompt, 1)], [image], settings)
+            if item.media == "video":
+                request = Request([user_turn(item.prompt, 0, 1)], [], settings, videos=[image])
+            else:
+                request = Request([user_turn(item.prompt, 1)], [image], settings)
             engine.prepare(request)
         except ValueError as err:  # an empty or too long prompt
-            rows[k] = {"id": item.id, "image": item.image, "error": f"{item.image}: prompt refused: {err}"}
+            rows[k] = {**head(item), "error": f"{item.image}: prompt refused: {err}"}
             continue
         requests.append(request)
         slots.append(k)
     answers = engine.generate(requests) if requests else []
     for k, answer in zip(slots, answers):
         item, image = batch[k], images[k]
-        row = {"id": item.id, "image": item.image, "prompt": item.prompt, "text": answer.text}
+        row = {**head(item), "prompt": item.prompt, "text": answer.text}
         if task == "ground":
             row["object"] = item.label
             row["boxes"] = [[round(v, 2) for v in box] for box in engine.boxes(answer.text, image)]
-        row["size"] = list(image.size)
+        if item.media == "video":  # the sampled frames (shrunk by data.video.max_side) and what they cost
+            row["frames"] = len(image)
+            row["video_tokens"] = answer.video_tokens
+        else:
+            row["size"] = list(image.size)
         row["new_tokens"] = answer.new_tokens
         rows[k] = row
     return rows
@@ -704,24 +747,26 @@ def run_batch(
             settings = GenerationSettings(max_new_tokens=opts.max_new_tokens or MAX_NEW_TOKENS[opts.task])
             batches = [todo[i : i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
             bar = tqdm(
-                total=len(todo), unit="img", desc=f"mm {opts.task}", disable=not (opts.progress and main)
+                total=len(todo), unit="input", desc=f"mm {opts.task}", disable=not (opts.progress and main)
             )
             with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-                pending = [pool.submit(_load, item) for item in batches[0]]
+                pending = [pool.submit(_load, item, engine.processor) for item in batches[0]]
                 for k, batch in enumerate(batches):
                     images = [f.result() for f in pending]
                     if k + 1 < len(batches):  # decode the next batch while this one generates
-                        pending = [pool.submit(_load, item) for item in batches[k + 1]]
+                        pending = [pool.submit(_load, item, engine.processor) for item in batches[k + 1]]
                     rows = answer_batch(engine, opts.task, batch, images, settings)
                     if opts.draw is not None:  # before the rows: a kill leaves no row without its drawing
                         for row, image in zip(rows, images):
                             if "error" not in row:
-                                write_drawing(draw_path(Path(opts.draw), row["id"]), draw_result(image, row))
+                                write_drawing(
+                                    draw_path(Path(opts.draw), row["id"]), draw_result(_still(image), row)
+                                )
                     writer.append(rows)
                     errors += sum("error" in r for r in rows)
-                    bar.update(len(batch))  # images/s as a postfix: tqdm's own rate flips to s/img below 1
+                    bar.update(len(batch))  # inputs/s as a postfix: tqdm's own rate flips to s/input below 1
                     rate = bar.n / max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{rate:.2f} images/s" + (f", {errors} errors" if errors else ""))
+                    bar.set_postfix_str(f"{rate:.2f} inputs/s" + (f", {errors} errors" if errors else ""))
             bar.close()
         seconds = time.perf_counter() - start if todo else 0.0
     finally:
@@ -815,7 +860,7 @@ def batch_command(task: str, args: Any) -> int:
         return 0
     rows = summary.rows
     if summary.processed:
-        rate = f"{summary.images_per_s:.2f} images/s" if summary.seconds else ""
+        rate = f"{summary.images_per_s:.2f} inputs/s" if summary.seconds else ""
         print(f"mm {task}: {summary.processed} input(s) in {summary.seconds:.1f} s ({rate})", file=sys.stderr)
     if any("error" in r for r in rows):
         print(error_summary(rows), file=sys.stderr)

@@ -290,13 +290,17 @@ def add_batch_parsers(sub) -> None:
         b.add_argument(
             "inputs",
             nargs="+",
-            help="a folder (images, recursively), a glob, image files, a .txt path list, a JSONL/JSON "
-            "list of {id, image}, or a LLaVA .json/.jsonl",
+            help="a folder (images and videos, recursively), a glob, image or video files, a .txt path "
+            "list, a JSONL/JSON list of {id, image}, or a LLaVA .json/.jsonl (videos: mm caption only)",
         )
         b.add_argument("--model", required=True, help="model directory")
         b.add_argument("--out", required=True, help="results JSONL (appended; accelerate: + rank files)")
         if task == "caption":
-            b.add_argument("--prompt", help="the question (default 'Describe the image.')")
+            b.add_argument(
+                "--prompt",
+                help="the question (default 'Describe the image.', for a video 'Describe what happens in the "
+                "video.')",
+            )
         else:
             b.add_argument("--prompt", help="the question template (default 'Where is the {object}?')")
             b.add_argument("--object", help="the object to find in every image (default: each record's)")

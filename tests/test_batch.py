@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import CORPUS, MM, overfit, tiny_model_section
@@ -210,6 +211,109 @@ def test_bad_images_give_one_error_row_each_and_the_run_goes_on(world, tmp_path,
     assert run("caption", str(only_bad), "--model", str(world.model), "--out", str(tmp_path / "b.jsonl")) == 1
     assert len(read_rows(tmp_path / "b.jsonl")) == 1
     assert run("caption", str(tmp_path / "nothing"), "--model", str(world.model), "--out", str(out)) == 2
+
+
+# -- videos -------------------------------------------------------------------------------------------
+def write_clip(path: Path, frames: int = 8) -> Path:
+    """A tiny real mp4: a white square moving right over grey."""
+    from data.shapesworld.video import encode_mp4
+
+    clip = np.full((frames, 32, 32, 3), 60, dtype=np.uint8)
+    for t in range(frames):
+        clip[t, 12:20, 2 + 3 * t : 10 + 3 * t] = 255
+    path.write_bytes(encode_mp4(clip, fps=8))
+    return path
+
+
+def media_folder(tmp_path: Path, world) -> Path:
+    """a.png, b.png and clip.mp4."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for k, name in enumerate(["a.png", "b.png"]):
+        shutil.copy(world.sw / "images" / "test" / f"test_{k:06d}.png", folder / name)
+    write_clip(folder / "clip.mp4")
+    return folder
+
+
+def test_videos_are_captioned_beside_images_in_one_padded_batch(world, tmp_path, capsys):
+    from mm.batch import VIDEO_CAPTION_PROMPT, BatchOptions, run_batch
+    from mm.inference import Engine
+
+    folder = media_folder(tmp_path, world)
+    items = read_inputs([folder], "caption")
+    assert [(i.id, i.media, i.prompt) for i in items] == [
+        ("a.png", "image", "Describe the image."),
+        ("b.png", "image", "Describe the image."),
+        ("clip.mp4", "video", VIDEO_CAPTION_PROMPT),
+    ]
+    engine = Engine.load(world.model, max_batch=3)
+    out = tmp_path / "c.jsonl"
+    summary = run_batch(items, BatchOptions("caption", world.model, out, batch_size=3), engine=engine)
+    assert engine.batch_sizes == Counter({3: 1})  # the images and the video went in one padded batch
+    assert summary.errors == 0 and summary.processed == 3
+    image_a, image_b, video = read_rows(out)
+    for row, name in ((image_a, "a.png"), (image_b, "b.png")):
+        assert row["image"] == str(folder / name) and "media" not in row and "video_tokens" not in row
+        assert row["text"] == CAPTION and row["size"] == [96, 96]
+    proc = engine.processor
+    assert video["id"] == "clip.mp4" and video["image"] == str(folder / "clip.mp4")
+    assert video["media"] == "video" and video["prompt"] == VIDEO_CAPTION_PROMPT and "size" not in video
+    assert video["text"] and video["new_tokens"] > 0
+    assert video["frames"] == proc.video.frames_per_video == 16
+    assert video["video_tokens"] == proc.tokens_per_video > 0
+    # the caption is the model's answer to that video alone (padding beside the images changes nothing)
+    alone = run_batch(
+        [items[2]], BatchOptions("caption", world.model, tmp_path / "alone.jsonl"), engine=engine
+    ).rows
+    assert alone[0]["text"] == video["text"]
+
+    before = out.read_bytes()  # resumable as before: a rerun skips all three
+    assert run("caption", str(folder), "--model", str(world.model), "--out", str(out)) == 0
+    assert out.read_bytes() == before
+    assert "3 input(s), 3 already in c.jsonl, 0 to do" in capsys.readouterr().err
+
+
+def test_a_corrupt_video_is_one_error_row_and_the_others_are_captioned(world, tmp_path, capsys):
+    folder = media_folder(tmp_path, world)
+    data = (folder / "clip.mp4").read_bytes()
+    (folder / "broken.mp4").write_bytes(data[: len(data) // 3])  # a cut download
+    out = tmp_path / "c.jsonl"
+    args = ("caption", str(folder), "--model", str(world.model), "--out", str(out), "--batch-size", "4")
+    assert run(*args) == 0
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ["a.png", "b.png", "broken.mp4", "clip.mp4"]
+    bad = rows[2]
+    assert set(bad) == {"id", "image", "media", "error"} and bad["media"] == "video"
+    assert str(folder / "broken.mp4") in bad["error"]
+    assert [r["text"] for r in rows[:2]] == [CAPTION, CAPTION] and rows[3]["text"]
+    assert "1 input(s) could not be used" in capsys.readouterr().err
+
+
+def test_ground_refuses_a_video_with_an_error_row(world, tmp_path):
+    folder = media_folder(tmp_path, world)
+    listing = folder / "list.jsonl"
+    rows = [{"image": "clip.mp4", "object": "white square"}, {"image": "a.png", "object": "blue cross"}]
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "g.jsonl"
+    assert run("ground", str(listing), "--model", str(world.model), "--out", str(out)) == 0
+    video, image = read_rows(out)
+    clip = folder / "clip.mp4"
+    assert video == {
+        "id": "clip.mp4",
+        "image": str(clip),
+        "media": "video",
+        "error": f"grounding takes images; {clip} is a video",
+    }
+    assert image["text"] == world.box and len(image["boxes"]) == 1
+    # a folder given with --object: the video is an error row too, the images are grounded
+    out = tmp_path / "g2.jsonl"
+    args = ("ground", str(folder), "--object", "cross", "--model", str(world.model), "--out", str(out))
+    assert run(*args) == 0
+    assert [("error" in r, r.get("media")) for r in read_rows(out)] == [
+        (False, None),
+        (False, None),
+        (True, "video"),
+    ]
 
 
 # -- draw, eval ---------------------------------------------------------------------------------------
