@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.jobs import run_jobs  # noqa: E402
 
 TRAIN_K = [1, 2, 4, 8]
 TEST_K = [1, 2, 4, 8, 16, 32, 64]
@@ -119,32 +119,6 @@ def eval_one(args: argparse.Namespace) -> None:
     path = args.out / "results" / f"{args.model}_d{args.delta:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"model": args.model, "delta": args.delta, "by_k": rows}, indent=2))
-
-
-def run_all(jobs: list[list[str]], parallel: int, logs: Path) -> list[int]:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    logs.mkdir(parents=True, exist_ok=True)
-    pending, running, codes = list(enumerate(jobs)), [], {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            i, cmd = pending.pop(0)
-            log = open(logs / f"job{i}.log", "w")
-            running.append(
-                (
-                    i,
-                    subprocess.Popen(
-                        [sys.executable, __file__, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT
-                    ),
-                )
-            )
-        time.sleep(2)
-        for item in list(running):
-            i, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                codes[i] = proc.returncode
-                print(f"  {' '.join(jobs[i])}: exit {proc.returncode}", flush=True)
-    return [codes[i] for i in range(len(jobs))]
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str, window: int) -> None:
@@ -272,15 +246,16 @@ def main() -> None:
     common += ["--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     common += ["--init-from", args.init_from] if args.init_from else []
     t1 = time.perf_counter()
-    codes = run_all([["--train", m, *common] for m in ("plain", "v2pe")], 2, args.out / "logs")
+    logs = args.out / "logs"
+    codes = run_jobs(__file__, {f"train_{m}": ["--train", m, *common] for m in ("plain", "v2pe")}, 2, logs)
     train_minutes = (time.perf_counter() - t1) / 60
-    evals = [
-        ["--model", m, "--delta", str(d), *common]
+    evals = {
+        f"eval_{m}_d{d:g}": ["--model", m, "--delta", str(d), *common]
         for m in ("plain", "v2pe")
-        if codes[m == "v2pe"] == 0
+        if codes[f"train_{m}"] == 0
         for d in DELTAS
-    ]
-    run_all(evals, args.parallel, args.out / "logs")
+    }
+    run_jobs(__file__, evals, args.parallel, logs)
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
     window = next((r["by_k"][str(WINDOW_K)]["positions"] for r in results if r["delta"] == 1.0), 0)
     for metric in ("retrieve", "accuracy"):

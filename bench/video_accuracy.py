@@ -21,13 +21,14 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.jobs import run_jobs  # noqa: E402
 
 ARMS = ("video", "frame")
 TYPES = ("motion", "order", "count", "state", "caption")
@@ -121,28 +122,6 @@ def run_arm(args: argparse.Namespace) -> None:
     (args.out / "results" / f"{arm}_predictions.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows)
     )
-
-
-def run_children(args: argparse.Namespace, passthrough: list[str]) -> dict[str, int]:
-    """Each arm in its own process (a fresh Trainer each), ``--parallel`` at a time; logs in ``logs/``."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    pending, running, codes = list(ARMS), [], {}
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            arm = pending.pop(0)
-            log = open(logs / f"{arm}.log", "w")
-            cmd = [sys.executable, __file__, *passthrough, "--arm", arm]
-            running.append((arm, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(1)
-        for item in list(running):
-            arm, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                codes[arm] = proc.returncode
-                print(f"  {arm}: exit {proc.returncode} (log: {logs / f'{arm}.log'})", flush=True)
-    return codes
 
 
 def compare(results: dict[str, dict]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -245,7 +224,9 @@ def main() -> None:
     print(f"data: {info['counts']} in {data_minutes:.1f} min", flush=True)
     passthrough = [a for a in sys.argv[1:]]
     t1 = time.perf_counter()
-    codes = run_children(args, passthrough)
+    # each arm in its own process (a fresh Trainer each), --parallel at a time
+    jobs = {arm: [*passthrough, "--arm", arm] for arm in ARMS}
+    codes = run_jobs(__file__, jobs, args.parallel, args.out / "logs", threads=args.threads)
     results = {
         arm: json.loads((args.out / "results" / f"{arm}.json").read_text())
         for arm in ARMS
