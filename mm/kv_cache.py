@@ -115,28 +115,38 @@ def attention_mass(
     queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """fp32 attention mass each key receives, summed over ``queries`` and over the query heads sharing a
-    KV head: ``[B, H_kv, L]``. ``queries`` ``[B, H, Q, D]`` sit at columns ``query_pos`` ``[Q]`` of the
-    prompt; causal, and padding (``mask`` ``[B, L]`` == 0) neither asks nor answers. Chunked over queries
-    (``SCORE_CHUNK_BYTES`` of logits at a time), and the keys are never repeated per query head."""
+    KV head: ``[B, H_kv, L]``. ``queries`` ``[B, H, Q, D]`` sit at columns ``query_pos`` ``[Q]`` (ascending)
+    of the prompt; causal, and padding (``mask`` ``[B, L]`` == 0) neither asks nor answers.
+
+    Chunked over queries (``SCORE_CHUNK_BYTES`` of logits at a time); each chunk reads only the keys its
+    last query can see (causal: half the work of the square), the causal mask touches only the chunk's
+    diagonal block, and the sum over queries is one weighted matmul. Keys are never repeated per query head.
+    """
     b, heads, n_q, dim = queries.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     k_t = keys.float().transpose(-1, -2)  # [B, H_kv, D, L]
-    key_ok = mask.bool()[:, None, None, :]
+    key_ok = mask.bool()
+    padded = not bool(key_ok.all())
     cols = torch.arange(length, device=keys.device)
+    lowest = torch.finfo(torch.float32).min  # finite: a query with no visible key gives zeros, not NaN
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, b * heads * length * 4))
-    total = torch.zeros(b, kv_heads, length, dtype=torch.float32, device=keys.device)
+    total = torch.zeros(b, kv_heads, 1, length, dtype=torch.float32, device=keys.device)
     for lo in range(0, n_q, chunk):
-        q = queries[:, :, lo : lo + chunk].float()
-        c = q.shape[2]
         pos = query_pos[lo : lo + chunk]
-        q = q.reshape(b, kv_heads, group * c, dim)  # a KV head's query heads side by side
-        logits = torch.matmul(q, k_t).mul_(scaling).view(b, kv_heads, group, c, length)
-        allowed = key_ok[:, :, None] & (cols[None, None, None, None, :] <= pos[None, None, None, :, None])
-        probs = logits.masked_fill_(~allowed, float("-inf")).softmax(-1).nan_to_num_(0.0)
-        asks = mask.bool()[:, pos][:, None, None, :, None]  # a padding query contributes nothing
-        total += (probs * asks).sum((2, 3))
-    return total
+        c, first, hi = pos.numel(), int(pos[0]), int(pos[-1]) + 1
+        q = (queries[:, :, lo : lo + chunk].float() * scaling).reshape(b, kv_heads, group * c, dim)
+        logits = torch.matmul(q, k_t[..., :hi]).view(b, kv_heads, group, c, hi)
+        # keys after a query: only columns past the chunk's first query can be
+        future = cols[None, first:hi] > pos[:, None]  # [c, hi - first]
+        logits[..., first:hi].masked_fill_(future, lowest)
+        if padded:
+            logits.masked_fill_(~key_ok[:, None, None, None, :hi], lowest)
+        probs = logits.softmax(-1).view(b, kv_heads, group * c, hi)
+        # a padding query contributes nothing; the query heads of a KV head are summed in the same matmul
+        asks = key_ok[:, pos].float().repeat(1, group)[:, None, None, :]  # [B, 1, 1, group * c]
+        total[..., :hi] += torch.matmul(asks, probs)
+    return total[:, :, 0]
 
 
 class ScoreHooks:

@@ -305,6 +305,36 @@ def test_bad_settings_name_the_choices():
     assert set(KV_METHODS) == {"full", "lookm", "h2o", "snapkv", "streaming", "random"}
 
 
+def _mass_reference(q, k, pos, mask, scaling):
+    """The square way: every query head's full softmax row (GQA keys repeated), masked, summed."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scaling
+    allowed = mask.bool()[:, None, None, :] & (torch.arange(k.shape[2])[None, :] <= pos[:, None])
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    probs = probs * mask.bool()[:, pos][:, None, :, None]
+    return probs.sum(2).view(q.shape[0], -1, group, k.shape[2]).sum(2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**30, 300])  # one chunk; a chunk of a few queries
+def test_attention_mass_equals_the_square_softmax(monkeypatch, chunk_bytes):
+    import mm.kv_cache as kv
+
+    monkeypatch.setattr(kv, "SCORE_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, dim = 3, 6, 2, 11, 8
+    q, k = torch.randn(b, heads, length, dim), torch.randn(b, kv_heads, length, dim)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, :4] = 0  # left padding of different lengths
+    mask[2, :1] = 0
+    for pos in (torch.arange(length), torch.tensor([0, 3, 5, 10]), torch.arange(7, length)):
+        mass = attention_mass(q[:, :, pos], k, pos, mask, 0.35)
+        ref = _mass_reference(q[:, :, pos], k, pos, mask, 0.35)
+        assert mass.dtype == torch.float32 and mass.shape == (b, kv_heads, length)
+        assert torch.allclose(mass.double(), ref, atol=1e-5), (pos, (mass - ref).abs().max())
+        assert (mass[1, :, :4] == 0).all()  # padding keys receive nothing
+
+
 def test_attention_mass_ignores_padding_queries_and_keys():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
