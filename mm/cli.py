@@ -161,6 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .inference import Engine
     from .report import print_metrics
 
+    kv = kv_from(args)  # bad KV settings fail before the model loads
     engine = Engine.load(
         args.model, device=args.device, visual_delta=args.v2pe_delta, max_batch=args.batch_size
     )
@@ -177,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         blind=args.blind,
-        kv=kv_from(args),
+        kv=kv,
         progress=not args.quiet,
     )
     print_metrics(metrics, title=f"{args.model} on {args.data}")
@@ -194,12 +195,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .inference import Assistant
 
+    kv = kv_from(args)  # bad KV settings fail before the model loads
     assistant = Assistant(args.model, device=args.device, visual_delta=args.v2pe_delta)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
         temperature=args.temperature,
-        kv=kv_from(args),
+        kv=kv,
     )
     if args.question:
         try:

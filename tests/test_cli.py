@@ -99,10 +99,25 @@ def test_eval_and_chat_compress_the_kv_cache(quickstart, tmp_path):
         question, [image], max_new_tokens=8, kv=KVCompression("h2o", 0.3, queries=16)
     )
     assert result.stdout.strip() == expected
-    bad = mm("chat", "--model", str(model_dir), "--kv-method", "lookm", "--kv-budget", "1.5", question)
+    # bad settings fail before any model loads (the folder does not exist)
+    bad = mm(
+        "chat", "--model", str(tmp_path / "none"), "--kv-method", "lookm", "--kv-budget", "1.5", question
+    )
     assert (
         bad.returncode == 2 and "KV budget must be a fraction in (0, 1] or a whole token count" in bad.stderr
     )
+    bad = mm(
+        "eval",
+        "--model",
+        str(tmp_path / "none"),
+        "--data",
+        str(data),
+        "--kv-method",
+        "h2o",
+        "--kv-budget",
+        "0",
+    )
+    assert bad.returncode == 2 and "KV budget must be" in bad.stderr and "none" not in bad.stderr
 
 
 def test_chat_one_shot_prints_the_answer(quickstart):
